@@ -1,0 +1,389 @@
+"""Parity checks: the same token ids through torch and through an exported model.
+
+fp32 variants must reproduce torch: for every prompt, prefill plus one decode step per token of
+torch's greedy continuation (GREEDY_TOKENS long), every logit within FP32_MAX_ABS_LOGIT_DIFF, and
+the exported model's own greedy choice equal to torch's at every step. Feeding torch's tokens
+(teacher forcing) and checking the argmax at every step is equivalent to letting the exported
+model generate on its own: the two sequences agree exactly when every argmax agrees. For ONNX the
+directory is also run in onnxruntime-genai, whose greedy tokens must equal torch's.
+
+Quantized variants cannot reproduce torch bit for bit; they are judged on held-out text:
+top-1 agreement (the fraction of positions where the quantized model's argmax equals fp32
+torch's) and the relative perplexity increase. Thresholds (QUANTIZED_THRESHOLDS) and why:
+    int8 (dynamic, per-channel): top-1 >= 0.90, perplexity +10% at most. Int8 weights with
+        per-row scales lose ~1e-2 of relative precision; on trained models this costs well under
+        a few percent of perplexity, so 10% flags a broken export while tolerating small models.
+    int4 / 8da4w (4-bit weights, groups of 32): top-1 >= 0.80, perplexity +25% at most. 4-bit
+        weights are ~16x coarser; published 4-bit LLM numbers (GPTQ/AWQ/torchao) are a few percent
+        of perplexity on 1B+ models and more on tiny ones, whose every weight matters; a quarter
+        more perplexity or a fifth of the top-1 choices changing means the model is no longer the
+        one that was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GREEDY_TOKENS = 32
+FP32_MAX_ABS_LOGIT_DIFF = 1e-4
+QUANTIZED_THRESHOLDS = {
+    "int8": {"min_top1_agreement": 0.90, "max_ppl_increase": 0.10},
+    "int4": {"min_top1_agreement": 0.80, "max_ppl_increase": 0.25},
+    "8da4w": {"min_top1_agreement": 0.80, "max_ppl_increase": 0.25},
+}
+LEGEND = f"""fp32 variants pass with every logit within {FP32_MAX_ABS_LOGIT_DIFF:.0e} of torch's (prefill and one decode
+step per token of a {GREEDY_TOKENS}-token greedy continuation, every prompt) and identical greedy tokens
+(for ONNX also in onnxruntime-genai). Quantized variants pass on held-out text: top-1 agreement
+with fp32 torch >= {QUANTIZED_THRESHOLDS["int8"]["min_top1_agreement"]} (int8) / >= {QUANTIZED_THRESHOLDS["int4"]["min_top1_agreement"]} (int4, 8da4w) and a perplexity increase of at
+most {QUANTIZED_THRESHOLDS["int8"]["max_ppl_increase"]:.0%} / {QUANTIZED_THRESHOLDS["int4"]["max_ppl_increase"]:.0%}; their greedy and logit columns are for information.
+"""
+EVAL_WINDOW = 128  # tokens per held-out window (capped at max_seq_len - 1)
+EVAL_WINDOWS = 8
+PROMPTS = (
+    "The return statement",
+    "A list comprehension consists of",
+    "def fibonacci(n):\n",
+    "The following example shows how",
+)
+
+
+# ---- the models under test: one interface, run(tokens, start_pos) -> logits [len(tokens), vocab] ----
+class TorchModel:
+    """The fp32 reference: full-sequence forward for logits, its own KV cache for greedy decoding."""
+
+    def __init__(self, model):
+        self.model = model.float().eval()
+        self._greedy: dict[tuple, list[int]] = {}  # every variant is checked against the same continuations
+
+    @torch.no_grad()
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self.model(torch.tensor([ids]), use_cache=False).logits[0].numpy()
+
+    @torch.no_grad()
+    def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
+        """Greedy continuation through the model's own cache; EOS does not stop it (fixed length)."""
+        key = (tuple(prompt), new_tokens)
+        if key not in self._greedy:
+            out = self.model(torch.tensor([prompt]), use_cache=True)
+            tokens = [int(out.logits[0, -1].argmax())]
+            while len(tokens) < new_tokens:
+                out = self.model(torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
+                tokens.append(int(out.logits[0, -1].argmax()))
+            self._greedy[key] = tokens
+        return list(self._greedy[key])
+
+
+class OnnxRuntimeModel:
+    """model.onnx in an onnxruntime session, batch 1, its KV cache carried between calls."""
+
+    def __init__(self, path: str | Path, config):
+        import onnxruntime as ort
+
+        from .onnx_export import kv_heads_per_cache_layer, past_input_names
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # No busy-waiting between the many tiny decode calls: spinning threads only steal the CPU
+        # from everything else on a small machine, for no gain at these sizes.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.past_names = past_input_names(config)
+        self.kv_heads = [h for h in kv_heads_per_cache_layer(config) for _ in range(2)]
+        self.head_dim = config.head_dim
+        self.reset()
+
+    def reset(self) -> None:
+        self.past = [np.zeros((1, h, 0, self.head_dim), np.float32) for h in self.kv_heads]
+
+    def run(self, tokens: list[int], start_pos: int) -> np.ndarray:
+        if start_pos == 0:
+            self.reset()
+        if self.past and self.past[0].shape[2] != start_pos:
+            raise ValueError(f"cache holds {self.past[0].shape[2]} positions, asked to continue at {start_pos}")
+        n = len(tokens)
+        feed = {
+            "input_ids": np.array([tokens], np.int64),
+            "attention_mask": np.ones((1, start_pos + n), np.int64),
+            "position_ids": np.arange(start_pos, start_pos + n, dtype=np.int64)[None],
+            **dict(zip(self.past_names, self.past)),
+        }
+        logits, *self.past = self.session.run(None, feed)
+        return logits[0]
+
+
+class ExecuTorchModel:
+    """model.pte in the ExecuTorch runtime; the KV cache lives in the program's own buffers."""
+
+    def __init__(self, path: str | Path):
+        from executorch.runtime import Runtime
+
+        self.program = Runtime.get().load_program(str(path))
+        self.forward = self.program.load_method("forward")
+
+    def run(self, tokens: list[int], start_pos: int) -> np.ndarray:
+        out = self.forward.execute([torch.tensor([tokens]), torch.arange(start_pos, start_pos + len(tokens))])
+        return out[0][0].numpy()
+
+
+def genai_greedy(onnx_dir: str | Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """New tokens from onnxruntime-genai's greedy search (it stops early at EOS)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(onnx_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+
+
+def before_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    """The tokens before the first EOS: what genai and TextLLMRunner return (they stop at EOS, without it)."""
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens
+
+
+# ---- the checks ---------------------------------------------------------------------------------
+@dataclass
+class PromptCheck:
+    prompt: str
+    prompt_tokens: int
+    max_abs_logit_diff: float
+    greedy_equal: bool
+    first_greedy_mismatch: int | None  # index into the continuation, None when equal
+    genai_greedy_equal: bool | None = None
+
+
+@dataclass
+class VariantReport:
+    name: str
+    format: str  # "onnx" | "executorch"
+    quantization: str  # "fp32" | "int8" | "int4" | "8da4w"
+    path: str
+    max_abs_logit_diff: float = math.nan
+    greedy_equal_prompts: int = 0
+    prompts: int = 0
+    genai_greedy_equal_prompts: int | None = None
+    top1_agreement: float = math.nan
+    ppl_torch: float = math.nan
+    ppl: float = math.nan
+    ppl_increase: float = math.nan
+    eval_tokens: int = 0
+    thresholds: dict = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    prompt_checks: list[PromptCheck] = field(default_factory=list)
+    size_bytes: int | None = None
+    export_seconds: float | None = None
+    verify_seconds: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def check_prompts(reference: TorchModel, exported, prompts: list[list[int]], texts: list[str], new_tokens: int):
+    """Teacher-forced prefill + decode of torch's greedy continuation; one PromptCheck per prompt."""
+    checks = []
+    for ids, text in zip(prompts, texts):
+        continuation = reference.greedy(ids, new_tokens)
+        expected = reference.logits(ids + continuation[:-1])  # logits that predict each continuation token
+        got = [exported.run(ids, 0)]
+        for step, token in enumerate(continuation[:-1]):
+            got.append(exported.run([token], len(ids) + step))
+        got = np.concatenate(got)
+        choices = got[len(ids) - 1 :].argmax(-1).tolist()
+        mismatches = [i for i, (a, b) in enumerate(zip(choices, continuation)) if a != b]
+        checks.append(
+            PromptCheck(
+                prompt=text,
+                prompt_tokens=len(ids),
+                max_abs_logit_diff=float(np.abs(got - expected).max()),
+                greedy_equal=not mismatches,
+                first_greedy_mismatch=mismatches[0] if mismatches else None,
+            )
+        )
+    return checks
+
+
+def held_out_metrics(reference: TorchModel, exported, windows: list[list[int]]) -> dict:
+    """Top-1 agreement with torch and both perplexities over the held-out windows (prefill only)."""
+    agree = total = 0
+    nll_torch = nll_exported = 0.0
+    for window in windows:
+        expected = reference.logits(window)
+        got = exported.run(window, 0)
+        agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
+        total += len(window)
+        targets = np.array(window[1:])
+        nll_torch += _nll(expected[:-1], targets)
+        nll_exported += _nll(got[:-1], targets)
+    predicted = sum(len(w) - 1 for w in windows)
+    ppl_torch, ppl = _exp(nll_torch / predicted), _exp(nll_exported / predicted)
+    return {
+        "top1_agreement": agree / total,
+        "ppl_torch": ppl_torch,
+        "ppl": ppl,
+        "ppl_increase": ppl / ppl_torch - 1.0,
+        "eval_tokens": total,
+    }
+
+
+def _exp(x: float) -> float:
+    """exp that answers inf instead of raising: a broken export may have astronomic perplexity."""
+    return math.exp(x) if x < 700 else math.inf
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return float(-log_probs[np.arange(len(targets)), targets].sum())
+
+
+def eval_windows(token_ids: list[int], max_seq_len: int, count: int = EVAL_WINDOWS) -> list[list[int]]:
+    """Consecutive, non-overlapping windows of held-out tokens, each short enough to prefill in one call."""
+    size = min(EVAL_WINDOW, max_seq_len - 1)
+    return [token_ids[i : i + size] for i in range(0, len(token_ids) - size + 1, size)][:count]
+
+
+def verify_variant(
+    report: VariantReport,
+    reference: TorchModel,
+    exported,
+    prompts: dict[str, list[int]],
+    windows: list[list[int]],
+    max_seq_len: int,
+    eos: list[int] | None = None,
+    genai_dir: str | Path | None = None,
+) -> VariantReport:
+    """Fill ``report`` with the checks for its quantization and list every threshold it misses."""
+    longest = max(len(ids) for ids in prompts.values())
+    new_tokens = max(1, min(GREEDY_TOKENS, max_seq_len - longest))
+    checks = check_prompts(reference, exported, list(prompts.values()), list(prompts), new_tokens)
+    if genai_dir is not None:
+        for check, ids in zip(checks, prompts.values()):
+            expected = before_eos(reference.greedy(ids, new_tokens), eos or [])
+            check.genai_greedy_equal = genai_greedy(genai_dir, ids, new_tokens) == expected
+        report.genai_greedy_equal_prompts = sum(bool(c.genai_greedy_equal) for c in checks)
+    report.prompt_checks = checks
+    report.prompts = len(checks)
+    report.max_abs_logit_diff = max(c.max_abs_logit_diff for c in checks)
+    report.greedy_equal_prompts = sum(c.greedy_equal for c in checks)
+    if windows:
+        for key, value in held_out_metrics(reference, exported, windows).items():
+            setattr(report, key, value)
+
+    if report.quantization == "fp32":
+        report.thresholds = {"max_abs_logit_diff": FP32_MAX_ABS_LOGIT_DIFF, "greedy": "identical"}
+        if not report.max_abs_logit_diff <= FP32_MAX_ABS_LOGIT_DIFF:
+            report.failures.append(
+                f"max |logit difference| {report.max_abs_logit_diff:.2e} > {FP32_MAX_ABS_LOGIT_DIFF:.0e}"
+            )
+        if report.greedy_equal_prompts != report.prompts:
+            report.failures.append(
+                f"greedy {new_tokens}-token continuation differs from torch for "
+                f"{report.prompts - report.greedy_equal_prompts} of {report.prompts} prompts"
+            )
+        if report.genai_greedy_equal_prompts is not None and report.genai_greedy_equal_prompts != report.prompts:
+            report.failures.append(
+                f"onnxruntime-genai's greedy tokens differ from torch's for "
+                f"{report.prompts - report.genai_greedy_equal_prompts} of {report.prompts} prompts"
+            )
+    else:
+        limits = QUANTIZED_THRESHOLDS[report.quantization]
+        report.thresholds = dict(limits)
+        if not windows:
+            report.failures.append("no held-out text to measure top-1 agreement and perplexity on")
+        else:
+            if not report.top1_agreement >= limits["min_top1_agreement"]:
+                report.failures.append(
+                    f"top-1 agreement {report.top1_agreement:.3f} < {limits['min_top1_agreement']:.2f}"
+                )
+            if not report.ppl_increase <= limits["max_ppl_increase"]:
+                report.failures.append(
+                    f"perplexity +{100 * report.ppl_increase:.1f}% > +{100 * limits['max_ppl_increase']:.0f}%"
+                )
+    return report
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+def format_table(reports: list[VariantReport]) -> str:
+    """A Markdown table, one row per exported variant."""
+    header = (
+        "| variant | size | export | max abs logit diff | greedy = torch | genai = torch | top-1 agree "
+        "| ppl torch | ppl | ppl change | result |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in reports:
+        genai = "-" if r.genai_greedy_equal_prompts is None else f"{r.genai_greedy_equal_prompts}/{r.prompts}"
+        lines.append(
+            f"| {r.name} | {_size(r.size_bytes)} | {_secs(r.export_seconds)} | {r.max_abs_logit_diff:.2e} "
+            f"| {r.greedy_equal_prompts}/{r.prompts} | {genai} | {_num(r.top1_agreement, '.3f')} "
+            f"| {_num(r.ppl_torch, '.2f')} | {_num(r.ppl, '.2f')} | {_pct(r.ppl_increase)} "
+            f"| {'pass' if r.passed else 'FAIL: ' + '; '.join(r.failures)} |"
+        )
+    return "\n".join(lines)
+
+
+def _size(n):
+    return "-" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _secs(s):
+    return "-" if s is None else f"{s:.1f} s"
+
+
+def _num(x, fmt):
+    return "-" if x is None or math.isnan(x) else format(x, fmt)
+
+
+def _pct(x):
+    return "-" if x is None or math.isnan(x) else f"{100 * x:+.2f}%"
+
+
+def write_reports(reports: list[VariantReport], out_dir: str | Path, extra: dict | None = None) -> dict:
+    """verify.json (for machines) and verify.md (for people) in out_dir, each written atomically."""
+    out_dir = Path(out_dir)
+    summary = {
+        "passed": all(r.passed for r in reports),
+        "fp32_max_abs_logit_diff": FP32_MAX_ABS_LOGIT_DIFF,
+        "greedy_tokens": GREEDY_TOKENS,
+        "quantized_thresholds": QUANTIZED_THRESHOLDS,
+        **(extra or {}),
+        "variants": [r.as_dict() for r in reports],
+    }
+    _atomic_write(out_dir / "verify.json", json.dumps(_without_nan(summary), indent=2) + "\n")
+    _atomic_write(out_dir / "verify.md", "# Export verification\n\n" + format_table(reports) + "\n\n" + LEGEND)
+    return summary
+
+
+def _without_nan(value):
+    """NaN (a metric not measured) becomes null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,249 @@
+"""effllm-export: a real export of a trained irregular model, the verification it writes, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+from effllm.export.cli import main
+from effllm.export.verify import (
+    FP32_MAX_ABS_LOGIT_DIFF,
+    QUANTIZED_THRESHOLDS,
+    TorchModel,
+    VariantReport,
+    verify_variant,
+)
+from export_helpers import SHAPES, cli_export_of_trained_model, one_torch_thread, random_model_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
+
+
+VARIANT_FILES = {
+    "onnx": ["model.onnx", "genai_config.json", "tokenizer.json", "tokenizer_config.json"],
+    "onnx-int8": ["model.onnx", "genai_config.json", "tokenizer.json"],
+    "onnx-int4": ["model.onnx", "genai_config.json", "tokenizer.json"],
+    "executorch": ["model.pte", "tokenizer.json"],
+    "executorch-8da4w": ["model.pte", "tokenizer.json"],
+}
+
+
+def test_cli_exports_and_verifies_the_trained_irregular_model(tokenizer, corpus):
+    run = cli_export_of_trained_model(tokenizer, corpus)
+    assert run.code == 0, run.stderr[-3000:]
+    for variant, files in VARIANT_FILES.items():
+        for name in files:
+            assert (run.out / variant / name).is_file(), (variant, name)
+    assert not [p for p in run.out.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    report = json.loads((run.out / "verify.json").read_text())
+    assert report["passed"] is True
+    assert report["eval_text"].endswith("run/data/heldout.bin")  # effllm-train's split, found beside the model
+    assert report["eval_windows"] >= 4
+    variants = {v["name"]: v for v in report["variants"]}
+    assert set(variants) == set(VARIANT_FILES)
+    for name, v in variants.items():
+        assert v["passed"] and not v["failures"], name
+        assert v["size_bytes"] > 0 and v["export_seconds"] > 0
+        if v["quantization"] == "fp32":
+            assert v["max_abs_logit_diff"] <= FP32_MAX_ABS_LOGIT_DIFF
+            assert v["greedy_equal_prompts"] == v["prompts"] >= 3
+            assert all(c["greedy_equal"] for c in v["prompt_checks"])
+            assert math.isclose(v["ppl"], v["ppl_torch"], rel_tol=1e-4)
+        else:
+            limits = QUANTIZED_THRESHOLDS[v["quantization"]]
+            assert limits["min_top1_agreement"] <= v["top1_agreement"] < 1.0
+            assert v["ppl_increase"] <= limits["max_ppl_increase"]
+            assert v["size_bytes"] < variants[v["format"]]["size_bytes"]
+    assert variants["onnx"]["genai_greedy_equal_prompts"] == variants["onnx"]["prompts"]
+    # The table is printed (stdout) and kept for people (verify.md); progress went to stderr.
+    for name in VARIANT_FILES:
+        assert f"| {name} |" in run.stdout
+        assert f"| {name} |" in (run.out / "verify.md").read_text()
+    assert "[10/10] verify executorch-8da4w" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tokenizer):
+    return random_model_dir("uniform", tokenizer)[1]
+
+
+def _bad_input(argv, capsys):
+    capsys.readouterr()  # drop what setting up the test printed (save_pretrained's progress bar)
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("effllm-export: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_not_a_model_directory(tmp_path, capsys):
+    line = _bad_input([tmp_path / "missing", "--out", tmp_path / "out"], capsys)
+    assert "is not a model directory (no config.json)" in line and "effllm-train" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64)
+    ).save_pretrained(tmp_path / "llama")
+    line = _bad_input([tmp_path / "llama", "--out", tmp_path / "out"], capsys)
+    assert "LlamaForCausalLM" in line and "model_type 'effllm'" in line and "convert" in line
+
+
+def test_max_seq_len_beyond_the_model(small_model_dir, tmp_path, capsys):
+    line = _bad_input([small_model_dir, "--out", tmp_path / "out", "--max-seq-len", 4096], capsys)
+    assert "--max-seq-len 4096 is beyond what the model supports (max_position_embeddings 256)" in line
+    assert "--max-seq-len 256 or less" in line
+
+
+def test_unwritable_out_dir(small_model_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    line = _bad_input([small_model_dir, "--out", blocker / "export"], capsys)
+    assert "cannot write to output directory" in line and "choose a writable --out" in line
+
+
+def test_missing_tokenizer_and_inapplicable_quantization(small_model_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(small_model_dir, bare)
+    (bare / "tokenizer.json").unlink()
+    assert "has no tokenizer.json" in _bad_input([bare, "--out", tmp_path / "out"], capsys)
+    line = _bad_input([small_model_dir, "--format", "onnx", "--quantize", "8da4w", "--out", tmp_path / "o"], capsys)
+    assert "--quantize 8da4w applies to executorch" in line
+
+
+def test_no_arguments_without_a_quickstart_model_asks_for_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = _bad_input([], capsys)
+    assert "runs/quickstart/model" in line and "effllm-train" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_explains_every_flag():
+    assert shutil.which("effllm-export"), "console script not installed: pip install -e ."
+    out = subprocess.run(["effllm-export", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in (
+        "MODEL_DIR",
+        "--format",
+        "--out",
+        "--quantize",
+        "--group-size",
+        "--max-seq-len",
+        "--eval-text",
+        "--no-verify",
+    ):
+        assert flag in out.stdout, flag
+    assert "runs/quickstart/model" in out.stdout and "Exit codes" in out.stdout
+
+
+def test_a_failed_export_leaves_the_output_as_it_was(small_model_dir, tmp_path, monkeypatch, capsys):
+    """A crash mid-export (here: the ONNX exporter, after writing part of a file) publishes nothing."""
+    import effllm.export.onnx_export as onnx_export
+
+    out = tmp_path / "out"
+    (out / "onnx").mkdir(parents=True)
+    (out / "onnx" / "model.onnx").write_text("the previous, good export")
+
+    def crash(model, out_dir, *args, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "model.onnx").write_text("half")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", crash)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        main([str(small_model_dir), "--format", "onnx", "--out", str(out), "--no-verify"])
+    assert sorted(p.name for p in out.iterdir()) == ["onnx"]
+    assert (out / "onnx" / "model.onnx").read_text() == "the previous, good export"
+
+
+class _Drifting:
+    """An exported model whose logits are torch's plus a fixed offset on one token (a broken export)."""
+
+    def __init__(self, reference, offset):
+        self.reference, self.offset = reference, offset
+        self.ids: list[int] = []
+
+    def run(self, tokens, start_pos):
+        self.ids = self.ids[:start_pos] + list(tokens)
+        logits = self.reference.logits(self.ids)[start_pos:].copy()
+        logits[:, 7] += self.offset
+        return logits
+
+
+@pytest.mark.parametrize("offset, fails", [(0.0, False), (3e-4, True), (1e3, True)])
+def test_verification_thresholds_fail_a_drifting_model(offset, fails):
+    """The thresholds can fail: small drift breaks fp32 parity, large drift also breaks quantized checks."""
+    reference = TorchModel(tiny_model(**SHAPES["irregular"]))
+    prompts = {"a": [5, 9, 30, 2], "b": [100, 3]}
+    windows = [[int(t) for t in np.random.default_rng(0).integers(1, 512, 60)]]
+    fp32 = verify_variant(
+        VariantReport("x", "onnx", "fp32", "-"), reference, _Drifting(reference, offset), prompts, windows, 64
+    )
+    assert fp32.passed is not fails, fp32.failures
+    if offset:
+        assert "max |logit difference|" in fp32.failures[0]
+    q = verify_variant(
+        VariantReport("y", "onnx", "int8", "-"), reference, _Drifting(reference, offset), prompts, windows, 64
+    )
+    assert q.passed is (offset < 1.0), q.failures
+    if offset > 1.0:
+        assert any("top-1 agreement" in f for f in q.failures) and any("perplexity" in f for f in q.failures)
+
+
+def test_held_out_text_is_the_training_split_when_present(small_model_dir, tmp_path):
+    """--eval-text wins; else effllm-train's data/heldout.bin beside the model, if intact and in vocabulary."""
+    from effllm.export.cli import build_parser, resolve_plan
+    from export_helpers import write_train_heldout
+
+    run = tmp_path / "run"
+    shutil.copytree(small_model_dir, run / "model")
+
+    def plan(*flags):
+        return resolve_plan(build_parser().parse_args([str(run / "model"), *flags]))
+
+    assert plan().heldout_bin is None and plan().eval_text is None  # falls back to built-in text
+    assert plan().out == run / "export"
+    write_train_heldout(run, list(range(1, 300)), 512)
+    assert plan().heldout_bin == run / "data" / "heldout.bin"
+    text = tmp_path / "eval.txt"
+    text.write_text("held out words")
+    chosen = plan("--eval-text", str(text))
+    assert chosen.eval_text == text and chosen.heldout_bin is None
+    write_train_heldout(run, list(range(1, 300)), 4096)  # another tokenizer's ids: not usable here
+    assert plan().heldout_bin is None
+    (run / "data" / "heldout.bin").write_bytes(b"\0")  # truncated
+    assert plan().heldout_bin is None
+
+
+def test_a_missed_threshold_fails_the_command(small_model_dir, tmp_path, monkeypatch, capsys):
+    """Exit code 1 and verify.json says which check failed; the files are published for inspection."""
+    import effllm.export.verify as verify
+
+    monkeypatch.setitem(verify.QUANTIZED_THRESHOLDS, "int8", {"min_top1_agreement": 1.01, "max_ppl_increase": 0.1})
+    out = tmp_path / "out"
+    code = main(
+        [str(small_model_dir), "--format", "onnx", "--quantize", "int8", "--out", str(out), "--max-seq-len", "64"]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "verification failed for onnx-int8" in captured.err
+    assert "| onnx-int8 |" in captured.out and "FAIL: top-1 agreement" in captured.out
+    report = json.loads((out / "verify.json").read_text())
+    assert report["passed"] is False
+    variants = {v["name"]: v for v in report["variants"]}
+    assert variants["onnx"]["passed"] and not variants["onnx-int8"]["passed"]
+    assert (out / "onnx-int8" / "model.onnx").is_file()

@@ -1,0 +1,210 @@
+"""ONNX export of uniform and irregular models: onnxruntime and onnxruntime-genai against torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from effllm.export.onnx_export import export_onnx, kv_heads_per_cache_layer, past_input_names
+from effllm.export.verify import QUANTIZED_THRESHOLDS
+from export_helpers import (
+    MAX_SEQ_LEN,
+    PROMPTS,
+    before_eos,
+    cli_export_of_trained_model,
+    encode,
+    heldout_windows,
+    one_torch_thread,
+    random_model_dir,
+    top1_and_ppl_change,
+    torch_greedy,
+    trained_model_dir,
+)
+
+from effllm import EfficientLLMForCausalLM
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module", params=["uniform", "irregular", "odd"])
+def exported(request, tokenizer, corpus, tmp_path_factory):
+    """(torch model, model dir, ONNX dir); "irregular" is the trained model exported by the CLI."""
+    if request.param == "irregular":
+        model_dir = trained_model_dir(tokenizer, corpus)
+        onnx_dir = cli_export_of_trained_model(tokenizer, corpus).out / "onnx"
+    else:
+        _, model_dir = random_model_dir(request.param, tokenizer)
+        onnx_dir = tmp_path_factory.mktemp(f"onnx-{request.param}")
+        export_onnx(EfficientLLMForCausalLM.from_pretrained(model_dir), onnx_dir, MAX_SEQ_LEN, model_dir=model_dir)
+    return EfficientLLMForCausalLM.from_pretrained(model_dir).eval(), model_dir, onnx_dir
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_graph_has_static_per_layer_kv_heads(exported):
+    model, _, onnx_dir = exported
+    config = model.config
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    dims.update({v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.output})
+    kv = kv_heads_per_cache_layer(config)
+    assert kv == [config.layer_shapes()[i][1] for i in config.attention_layer_indices()]
+    for i, heads in enumerate(kv):
+        assert dims[f"past_key_values.{i}.key"] == ["batch_size", heads, "past_sequence_length", config.head_dim]
+        assert dims[f"present.{i}.value"] == ["batch_size", heads, "total_sequence_length", config.head_dim]
+    assert f"past_key_values.{len(kv)}.key" not in dims  # layers without attention have no cache
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["logits"] == ["batch_size", "sequence_length", config.vocab_size]
+    genai = json.loads((onnx_dir / "genai_config.json").read_text())["model"]
+    assert genai["type"] == "decoder" and genai["decoder"]["num_hidden_layers"] == len(kv)
+    assert genai["decoder"]["head_size"] == config.head_dim
+
+
+def test_onnxruntime_prefill_and_decode_match_torch(exported):
+    """Batch of two, the second left-padded: prefill, then 6 decode steps through the KV cache."""
+    model, _, onnx_dir = exported
+    session = _session(onnx_dir / "model.onnx")
+    names = past_input_names(model.config)
+    kv = [h for h in kv_heads_per_cache_layer(model.config) for _ in range(2)]
+    torch.manual_seed(1)
+    prompt_len, pad, steps = 9, 3, 6
+    ids = torch.randint(1, model.config.vocab_size, (2, prompt_len + steps))
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits.numpy()
+
+    past = [np.zeros((2, h, 0, model.config.head_dim), np.float32) for h in kv]
+    got = []
+    for start, end in [(0, prompt_len)] + [(t, t + 1) for t in range(prompt_len, prompt_len + steps)]:
+        feed = {
+            "input_ids": ids[:, start:end].numpy(),
+            "attention_mask": mask[:, :end].numpy(),
+            "position_ids": positions[:, start:end].numpy(),
+            **dict(zip(names, past)),
+        }
+        logits, *past = session.run(None, feed)
+        got.append(logits)
+        assert past[0].shape[2] == end
+    got = np.concatenate(got, axis=1)
+    real = mask.bool().numpy()  # logits at padding positions are never used
+    diff = np.abs(got - expected)[real].max()
+    assert diff <= 1e-4, diff
+    assert (got.argmax(-1) == expected.argmax(-1))[real].all()
+
+
+def test_genai_greedy_tokens_equal_torch(exported):
+    import onnxruntime_genai as og
+
+    model, model_dir, onnx_dir = exported
+    genai_model = og.Model(str(onnx_dir))
+    new_tokens = 20
+    for text in PROMPTS:
+        prompt = encode(model_dir, text)
+        params = og.GeneratorParams(genai_model)
+        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+        generator = og.Generator(genai_model, params)
+        generator.append_tokens(prompt)
+        while not generator.is_done():
+            generator.generate_next_token()
+        got = [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+        expected = before_eos(torch_greedy(model, prompt, new_tokens), model.config.eos_token_id)
+        assert got == expected, text
+        assert len(got) > 0
+
+
+@pytest.mark.parametrize("method, op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_quantized_variant_within_thresholds(method, op, tokenizer, corpus):
+    """The CLI's quantized directories: every matmul quantized, smaller, accurate enough, and runnable in genai."""
+    import onnxruntime_genai as og
+
+    run = cli_export_of_trained_model(tokenizer, corpus)
+    model_dir = trained_model_dir(tokenizer, corpus)
+    model = EfficientLLMForCausalLM.from_pretrained(model_dir).eval()
+    qdir = run.out / f"onnx-{method}"
+    graph = onnx.load(str(qdir / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    # 3 attention projections + o_proj per attention layer, 3 per FFN, 1 lm_head (tied: folded transpose).
+    shapes = model.config.layer_shapes()
+    linears = sum(4 * (h > 0) + 3 * (f > 0) for h, _, f in shapes) + 1
+    assert ops.count(op) == linears
+    assert "MatMul" not in ops or all(
+        n.input[1] not in {i.name for i in graph.initializer} for n in graph.node if n.op_type == "MatMul"
+    )
+    assert (qdir / "model.onnx").stat().st_size < (run.out / "onnx" / "model.onnx").stat().st_size
+
+    session = _session(qdir / "model.onnx")
+    names = past_input_names(model.config)
+    kv = [h for h in kv_heads_per_cache_layer(model.config) for _ in range(2)]
+
+    def run_window(ids):
+        feed = {
+            "input_ids": np.array([ids]),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids))[None],
+            **{n: np.zeros((1, h, 0, model.config.head_dim), np.float32) for n, h in zip(names, kv)},
+        }
+        return session.run(None, feed)[0][0]
+
+    windows = heldout_windows(model_dir, 100)
+    top1, ppl_change = top1_and_ppl_change(model, windows, run_window)
+    limits = QUANTIZED_THRESHOLDS[method]
+    assert top1 >= limits["min_top1_agreement"], top1
+    assert ppl_change <= limits["max_ppl_increase"], ppl_change
+    with torch.no_grad():  # really quantized, not a copy of fp32
+        assert np.abs(run_window(windows[0]) - model(torch.tensor([windows[0]])).logits[0].numpy()).max() > 1e-3
+
+    genai_model = og.Model(str(qdir))
+    params = og.GeneratorParams(genai_model)
+    prompt = encode(model_dir, PROMPTS[0])
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    generator = og.Generator(genai_model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) > len(prompt)
+
+
+def test_large_model_path_external_data(tokenizer, tmp_path, monkeypatch):
+    """Models above EXTERNAL_DATA_BYTES (any fp32 model of ~270M+ parameters) keep their weights in
+    model.onnx.data; forced here on a tiny one: onnxruntime, genai and both quantizers still work."""
+    import effllm.export.onnx_export as onnx_export
+    import onnxruntime_genai as og
+    from effllm.export.quantize import quantize_onnx_dir
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    model, model_dir = random_model_dir("uniform", tokenizer)
+    export_onnx(model, tmp_path / "onnx", MAX_SEQ_LEN, model_dir=model_dir)
+    assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size > (tmp_path / "onnx" / "model.onnx").stat().st_size
+    ids = list(range(5, 17))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    kv = [h for h in kv_heads_per_cache_layer(model.config) for _ in range(2)]
+    for variant, tolerance in (("onnx", 1e-4), ("onnx-int8", 0.5), ("onnx-int4", 0.5)):
+        if variant != "onnx":
+            quantize_onnx_dir(tmp_path / "onnx", tmp_path / variant, variant.split("-")[1])
+        feed = {
+            "input_ids": np.array([ids]),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            "position_ids": np.arange(len(ids))[None],
+            **{
+                n: np.zeros((1, h, 0, model.config.head_dim), np.float32)
+                for n, h in zip(past_input_names(model.config), kv)
+            },
+        }
+        logits = _session(tmp_path / variant / "model.onnx").run(None, feed)[0][0]
+        assert np.abs(logits - expected).max() <= tolerance, variant
+    assert og.Model(str(tmp_path / "onnx")) is not None
