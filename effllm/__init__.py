@@ -5,10 +5,17 @@ so that ``save_pretrained`` copies configuration_effllm.py / modeling_effllm.py 
 directory with an ``auto_map``: the directory then loads with trust_remote_code where effllm is absent.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+import logging
 
-from .configuration_effllm import EfficientLLMConfig, EfficientLLMConfigError
-from .modeling_effllm import EfficientLLMForCausalLM, EfficientLLMModel
+# transformers imports torchao, which logs a warning for each CUDA-only kernel library it cannot load
+# on a CPU machine, and torch's pytree warns about torchao's enums: noise for every effllm command.
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from .configuration_effllm import EfficientLLMConfig, EfficientLLMConfigError  # noqa: E402
+from .modeling_effllm import EfficientLLMForCausalLM, EfficientLLMModel  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,95 @@
+"""Atomic training checkpoints with everything an exact resume needs.
+
+Layout of <out>/checkpoint/: model/ (an HF model directory at the current, possibly pruned,
+shapes), state.pt (optimizer, pruner EMAs, RNG states), trainer.json (step, tokens, data position,
+run bookkeeping). A new checkpoint is written beside the old one and swapped in by rename, so a
+crash at any moment leaves one complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says what is wrong."""
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a fully written directory into place; the previous one is removed only afterwards."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, model, tokenizer, optimizer, pruner, trainer_state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "model")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "pruner": pruner.state_dict() if pruner is not None else None,
+            "rng": rng_state(),
+        },
+        tmp / "state.pt",
+    )
+    write_json_atomic(tmp / "trainer.json", trainer_state)
+    atomic_replace_dir(tmp, path)
+
+
+def load_checkpoint(path: Path) -> tuple[Path, dict, dict]:
+    """(model directory, tensors from state.pt, trainer.json), or CheckpointError naming the problem."""
+    if not (path / "trainer.json").is_file():
+        raise CheckpointError(f"no checkpoint in {path}; start without --resume (or with --overwrite)")
+    try:
+        trainer_state = json.loads((path / "trainer.json").read_text())
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        if not (path / "model" / "config.json").is_file():
+            raise FileNotFoundError("model/config.json missing")
+        for key in ("optimizer", "rng"):
+            if key not in state:
+                raise KeyError(key)
+    except Exception as err:  # any way of being unreadable is the same problem for the user
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"delete it and restart with --overwrite"
+        ) from None
+    return path / "model", state, trainer_state

@@ -1,0 +1,189 @@
+"""effllm-train end to end: the CLI for real (subprocesses, torchrun with gloo), on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from effllm.params import count_parameters
+
+TINY_TRAIN = ["--seq-len", "32", "--batch-size", "4", "--eval-windows", "4", "--eval-every", "5", "--log-every", "2",
+              "--warmup-steps", "2", "--quiet"]  # fmt: skip
+
+
+def run_cli(*args, cwd=None, launcher=None, timeout=600):
+    cmd = (launcher or [sys.executable, "-m", "effllm.cli"]) + [str(a) for a in args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tokenizer, corpus):
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))  # fmt: skip
+    source.save_pretrained(root / "source")
+    tokenizer.save_pretrained(root / "source")
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in corpus[:150]))
+    return root
+
+
+def _args(ws: Path, out: str, *extra):
+    return ["--source", ws / "source", "--data", ws / "text.jsonl", "--out", ws / out, *TINY_TRAIN, *extra]
+
+
+def test_prunes_to_target_and_writes_report(workspace):
+    ws = workspace
+    r = run_cli(*_args(ws, "run1", "--target-params", "0.6", "--tokens", "6400", "--prune-tokens", "3200"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = ws / "run1"
+    result = json.loads((out / "results.json").read_text())
+    log = [json.loads(line) for line in (out / "prune_log.jsonl").read_text().splitlines()]
+    largest_group = max(rec["size"] for rec in log)
+    assert result["target_params"] - largest_group < result["final_params"] <= result["target_params"]
+    assert result["final_params"] == log[-1]["params_after"]
+    assert {rec["type"] for rec in log} <= {"attention", "ffn", "stem"} and len(log) > 5
+    for name in ("summary.md", "params_by_type.png", "architecture.png", "metrics.jsonl", "evals.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    assert "held-out perplexity: source" in r.stdout
+    # The result directory is a plain HF model directory at the pruned shapes.
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(out / "model")
+    assert count_parameters(config).total == result["final_params"]
+    assert (out / "model" / "tokenizer.json").is_file()
+    # A second invocation into the same directory is refused, and touches nothing.
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    again = run_cli(*_args(ws, "run1", "--target-params", "0.5", "--tokens", "6400"))
+    assert again.returncode == 2 and "already holds another effllm run" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+
+
+def test_kill_and_resume_is_bitwise_equal(workspace):
+    ws = workspace
+    common = ("--target-params", "0.55", "--tokens", "5120", "--prune-tokens", "3840", "--save-every", "3")
+    full = run_cli(*_args(ws, "full", *common))
+    assert full.returncode == 0, full.stderr[-3000:]
+    # Preempted in the middle of the pruning phase (step 7 of 40; pruning runs to step 30).
+    part = run_cli(*_args(ws, "part", *common, "--halt-at-step", "7"))
+    assert part.returncode == 128 + 15, part.stderr[-3000:]
+    assert "continue with --resume" in part.stdout
+    state = json.loads((ws / "part" / "checkpoint" / "trainer.json").read_text())
+    assert state["step"] == 7
+    resumed = run_cli("--out", ws / "part", "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(ws / "full" / "model" / "model.safetensors")
+    b = load_file(ws / "part" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (ws / "full" / "prune_log.jsonl").read_text() == (ws / "part" / "prune_log.jsonl").read_text()
+
+
+def test_torchrun_two_ranks_same_decisions_and_weights(workspace):
+    ws = workspace
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                "-m", "effllm.cli"]  # fmt: skip
+    r = run_cli(*_args(ws, "ddp", "--target-params", "0.6", "--tokens", "5120", "--prune-tokens", "2560",
+                       "--check-decisions"), launcher=launcher)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((ws / "ddp" / "results.json").read_text())
+    assert result["world_size"] == 2
+    # check_same_decisions / check_same_weights raise on any difference between ranks; these are the digests.
+    assert len(result["decisions_digest"]) == 64 and len(result["weights_digest"]) == 64
+    assert result["final_params"] <= result["target_params"]
+
+
+@pytest.fixture()
+def gpt2_dir(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(tmp_path / "gpt2")
+    return tmp_path / "gpt2"
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown_arch", "is a GPT2LMHeadModel; effllm imports only"),
+        ("target_too_big", "is not smaller than the source"),
+        ("below_floors", "below what the floors allow"),
+        ("missing_data", "does not exist"),
+        ("empty_data", ""),
+        ("corrupt_checkpoint", "is corrupt"),
+        ("foreign_out_dir", "files that are not an effllm run"),
+    ],
+)
+def test_bad_input_exits_2_and_touches_nothing(case, message, workspace, tmp_path, gpt2_dir):
+    ws = workspace
+    out = tmp_path / "out"
+    args = _args(ws, "unused", "--target-params", "0.5", "--tokens", "2560")
+    args[args.index("--out") + 1] = out
+    if case == "unknown_arch":
+        args[1] = gpt2_dir
+    elif case == "target_too_big":
+        args[args.index("--target-params") + 1] = "10M"
+    elif case == "below_floors":
+        args += [
+            "--min-ffn-per-layer",
+            "128",
+            "--min-heads-per-layer",
+            "4",
+            "--min-hidden-size",
+            "64",
+            "--target-params",
+            "0.3",
+        ]
+    elif case == "missing_data":
+        args[3] = tmp_path / "nope.txt"
+    elif case == "empty_data":
+        (tmp_path / "empty.txt").write_text("")
+        args[3] = tmp_path / "empty.txt"
+    elif case == "corrupt_checkpoint":
+        ok = run_cli(*args, "--halt-at-step", "2", "--save-every", "100")
+        assert ok.returncode == 143, ok.stderr[-2000:]
+        (out / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+        args = ["--out", out, "--resume"]
+    elif case == "foreign_out_dir":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) if tmp_path.exists() else []
+    r = run_cli(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("effllm-train: error: "), r.stderr[-3000:]
+    assert message in lines[0]
+    assert "Traceback" not in r.stderr
+    after = sorted((str(p), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    assert after == before
+
+
+def test_quickstart_embedded_default_tiny(tmp_path):
+    """The no-argument path (builtin source pretraining on the embedded corpus), at toy size."""
+    out = tmp_path / "qs"
+    r = run_cli("--out", out, "--source-tokens", "8192", "--source-hidden", "64", "--source-layers", "2",
+                "--source-heads", "4", "--source-kv-heads", "2", "--source-ffn", "128", "--source-vocab", "300",
+                "--tokens", "8192", "--prune-tokens", "4096", *TINY_TRAIN)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    source = json.loads((out / "source" / "results.json").read_text())
+    assert result["source_params"] == source["final_params"]
+    assert result["final_params"] <= result["target_params"] == round(0.4 * result["source_params"])
+    assert result["unigram_heldout_ppl"] > 1
+    shutil.rmtree(out)
