@@ -8,7 +8,7 @@ about a quarter of S, and the same token budget for every method:
 Prints and writes (bench/results/method.{json,md}) the held-out perplexity table, the
 architectures and the token counts.
 
-    python bench/method.py                 # the default corpus (the quickstart's), ~60 min on 2 cores
+    python bench/method.py                 # the default corpus (the quickstart's), ~20 min on 2 idle cores
     python bench/method.py --data my.jsonl --tokens 2M --source-tokens 4M
 """
 
@@ -19,7 +19,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,18 @@ def uniform_config_like(source: EfficientLLMConfig, target_params: int) -> Effic
     return best[1]
 
 
+def finished_run(cfg: TrainConfig) -> dict | None:
+    """The results of an earlier, completed run with exactly these settings (the benchmark resumes)."""
+    out = Path(cfg.out)
+    if not (out / "results.json").is_file() or not (out / "run.json").is_file():
+        return None
+    stored = json.loads((out / "run.json").read_text())["config"]
+    if stored != json.loads(json.dumps(asdict(cfg), default=str)):
+        return None
+    print("          (reusing the finished run in", out, ")", flush=True)
+    return json.loads((out / "results.json").read_text())
+
+
 def save_init(config: EfficientLLMConfig, tokenizer, path: Path) -> str:
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
@@ -84,15 +96,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", nargs="+", help="training text (any effllm-train --data); default: the quickstart corpus")
     p.add_argument("--out", default="runs/method", help="working directory for the runs")
-    p.add_argument("--source-tokens", type=parse_count, default=parse_count("1.5M"), help="tokens to pretrain S")
-    p.add_argument("--tokens", type=parse_count, default=parse_count("600K"), help="token budget of every method")
+    p.add_argument("--source-tokens", type=parse_count, default=parse_count("600K"), help="tokens to pretrain S")
+    p.add_argument("--tokens", type=parse_count, default=parse_count("300K"), help="token budget of every method")
     p.add_argument("--target-fraction", type=float, default=0.25, help="T's size as a fraction of S")
-    p.add_argument("--hidden", type=int, default=320)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=10)
-    p.add_argument("--kv-heads", type=int, default=5)
-    p.add_argument("--ffn", type=int, default=896)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=192)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--calib-batches", type=int, default=16, help="one-shot saliency batches (K)")
     p.add_argument(
         "--variants", default="none-1,none-8,obs-1,obs-8", help="pruning-aware variants: weightupdate-granularity"
@@ -121,7 +133,9 @@ def main(argv=None) -> int:
     def run(name: str, cfg: TrainConfig, note: str) -> dict:
         t0 = time.perf_counter()
         print(f"[{time.perf_counter() - started:7.0f}s] {name}: {note}", flush=True)
-        result = train(cfg)
+        result = finished_run(cfg)
+        if result is None:
+            result = train(cfg)
         row = {"method": name, "note": note, "params": result["final_params"], "tokens": result["tokens"],
                "heldout_ppl": result["final_heldout_ppl"], "start_ppl": result["source_heldout_ppl"],
                "layer_shapes": result["layer_shapes"], "hidden_size": result["hidden_size"],

@@ -47,7 +47,7 @@ class TrainConfig:
     heldout_fraction: float = _f(0.02, "fraction of documents held out for evaluation")
     out: str = _f("runs/quickstart", "output directory (model/, checkpoint/, logs, plots, summary.md)")
     # how long
-    tokens: int = _f(2_000_000, "total training tokens (all ranks together), pruning phase included", parse="count")
+    tokens: int = _f(800_000, "total training tokens (all ranks together), pruning phase included", parse="count")
     prune_start: int = _f(0, "token count at which pruning starts", parse="count")
     prune_tokens: int | None = _f(
         None, "length of the pruning phase in tokens (overrides --prune-fraction)", parse="count"
@@ -90,8 +90,8 @@ class TrainConfig:
     halt_at_step: int | None = _f(None, "debug: send this process SIGTERM after this step (tests preemption)")
     quiet: bool = _f(False, "no progress bar")
     # embedded quickstart source (used only when --source is builtin:quickstart)
-    source_tokens: int = _f(3_000_000, "tokens to pretrain the quickstart source", parse="count")
-    source_layers: int = _f(6, "quickstart source: layers")
+    source_tokens: int = _f(1_000_000, "tokens to pretrain the quickstart source", parse="count")
+    source_layers: int = _f(4, "quickstart source: layers")
     source_hidden: int = _f(256, "quickstart source: hidden size")
     source_heads: int = _f(8, "quickstart source: query heads (head_dim = hidden/heads)")
     source_kv_heads: int = _f(4, "quickstart source: KV heads")
