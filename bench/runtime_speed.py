@@ -1,0 +1,271 @@
+"""Benchmark: every runtime on a ~100M-parameter irregular model and on a uniform one of the same size.
+
+Builds two random-weight models (speed does not depend on the values) that share the vocabulary
+(32000, tied embeddings), hidden size (640), depth (16), head size (64) and parameter count (95.2M;
+the irregular model's last FFN width absorbs the difference, exactly):
+    uniform    every layer 10 query / 5 KV heads, FFN 1792
+    irregular  per-layer heads 0..12 with GQA ratios 1-3, FFN widths from 1151 to 2710 that are not
+               multiples of 32 (what pruning leaves), one layer without attention
+exports both with effllm-export (fp32 + int8 + int4 ONNX, fp32 + 8da4w ExecuTorch, verified), then
+runs effllm-bench's measurements on both models in one run, interleaved (irregular, uniform,
+irregular, ... for each backend and variant) so that load from other processes hits both alike.
+
+Writes bench/results/runtime_speed.{json,md,png}; the models and exports go to --work
+(default runs/bench-runtime, reused when present).
+
+    python bench/runtime_speed.py                      # build (first time), export, measure; 2 threads
+    python bench/runtime_speed.py --repeats 5 --threads 2
+    python bench/runtime_speed.py --extra runs/quickstart/export   # also measure another model
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HIDDEN, LAYERS, HEAD_DIM, VOCAB = 640, 16, 64, 32000
+UNIFORM = dict(num_attention_heads=10, num_key_value_heads=5, intermediate_size=1792)
+IRREGULAR_HEADS = [12, 10, 8, 12, 6, 10, 12, 8, 0, 10, 12, 6, 8, 10, 12, 4]
+IRREGULAR_KV = [4, 5, 4, 6, 2, 10, 4, 4, 0, 5, 6, 3, 8, 5, 4, 2]
+IRREGULAR_FFN = [2311, 1705, 1999, 1403, 2617, 1201, 1893, 2047, 1511, 1777, 2203, 1301, 1609, 2429, 1151, None]
+
+
+def layer_params(heads: int, kv: int, ffn: int) -> int:
+    attn = HIDDEN * (heads + 2 * kv) * HEAD_DIM + heads * HEAD_DIM * HIDDEN + (HIDDEN if heads else 0)
+    mlp = 3 * HIDDEN * ffn + (HIDDEN if ffn else 0)
+    return attn + mlp
+
+
+def irregular_shapes() -> dict:
+    """Per-layer shapes whose parameter count equals the uniform model's (the last FFN absorbs the difference)."""
+    target = LAYERS * layer_params(**dict(zip(("heads", "kv", "ffn"), UNIFORM.values())))
+    partial = sum(layer_params(h, k, f) for h, k, f in zip(IRREGULAR_HEADS[:-1], IRREGULAR_KV[:-1], IRREGULAR_FFN[:-1]))
+    rest = target - partial - layer_params(IRREGULAR_HEADS[-1], IRREGULAR_KV[-1], 0) - HIDDEN
+    ffn = list(IRREGULAR_FFN[:-1]) + [round(rest / (3 * HIDDEN))]
+    return dict(num_attention_heads=IRREGULAR_HEADS, num_key_value_heads=IRREGULAR_KV, intermediate_size=ffn)
+
+
+def build_models(work: Path) -> dict[str, Path]:
+    """Random-weight model directories (config, safetensors, tokenizer), built once and reused."""
+    import torch
+
+    from effllm import EfficientLLMConfig, EfficientLLMForCausalLM
+    from effllm.params import count_parameters, format_count
+
+    dirs = {"irregular": work / "irregular" / "model", "uniform": work / "uniform" / "model"}
+    if all((d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file() for d in dirs.values()):
+        return dirs
+    tokenizer = build_tokenizer(work / "tokenizer")
+    shapes = {"uniform": UNIFORM, "irregular": irregular_shapes()}
+    for name, path in dirs.items():
+        torch.manual_seed(0)
+        config = EfficientLLMConfig(
+            vocab_size=VOCAB,  # >= the tokenizer's: the built-in corpus yields fewer merges than a real one
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            head_dim=HEAD_DIM,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **shapes[name],
+        )
+        model = EfficientLLMForCausalLM(config).eval()
+        print(f"{name}: {format_count(count_parameters(config).total)} parameters", file=sys.stderr)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return dirs
+
+
+def build_tokenizer(path: Path):
+    """An ASCII byte-level BPE trained on the built-in corpus (cached); it stops short of VOCAB merges."""
+    from transformers import PreTrainedTokenizerFast
+
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from effllm.corpus import python_docs_corpus
+    from effllm.tokenizer import train_ascii_bpe
+
+    print("training an ASCII BPE tokenizer on the built-in corpus ...", file=sys.stderr)
+    tokenizer = train_ascii_bpe(python_docs_corpus(include_stdlib=True), vocab_size=VOCAB)
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def export(model_dir: Path, max_seq_len: int) -> tuple[Path, int]:
+    """effllm-export --quantize all into MODEL/../export (skipped when verify.json is already there)."""
+    out = model_dir.parent / "export"
+    if (out / "verify.json").is_file():
+        return out, 0
+    from effllm.export.cli import main as export_main
+
+    print(f"effllm-export {model_dir} --quantize all --max-seq-len {max_seq_len} ...", file=sys.stderr)
+    code = export_main([str(model_dir), "--quantize", "all", "--max-seq-len", str(max_seq_len)])
+    return out, code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="runs/bench-runtime", help="where models and exports go (reused)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--backends", nargs="+", default=None)
+    parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the two models this many times per target")
+    parser.add_argument("--extra", nargs="*", default=[], help="other models/exports to measure in the same run")
+    parser.add_argument("--out", default=str(RESULTS / "runtime_speed"), help="output path without extension")
+    parser.add_argument("--build-only", action="store_true", help="build and export the models, measure nothing")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from effllm.runtime.bench import (
+        BenchSettings,
+        add_ratios,
+        enrich,
+        load_average,
+        machine_info,
+        measure_bandwidth,
+        plan_targets,
+        read_verify,
+        run_target,
+        write_report,
+    )
+
+    work = Path(args.work)
+    dirs = build_models(work)
+    exports = {}
+    for name, model_dir in dirs.items():
+        exports[name], code = export(model_dir, args.max_seq_len)
+        if code not in (0, 1):
+            print(f"export of {name} failed (exit {code})", file=sys.stderr)
+            return code
+    if args.build_only:
+        return 0
+    settings = BenchSettings(
+        threads=args.threads,
+        prompt_lengths=tuple(args.prompt_lengths),
+        new_tokens=args.new_tokens,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+    models = {name: plan_targets(exports[name], args.backends, args.variants, label=name) for name in exports}
+    for extra in args.extra:
+        label = Path(extra).resolve().parent.name if Path(extra).name in ("export", "model") else Path(extra).name
+        models[label] = plan_targets(extra, args.backends, args.variants, label=label)
+
+    load_start = load_average()
+    bandwidth = measure_bandwidth(args.threads)
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s on {args.threads} threads; load {load_start}", file=sys.stderr)
+    rows: dict[tuple, list[dict]] = {}
+    keys = []
+    for targets in models.values():
+        keys += [(t.backend, t.variant) for t in targets]
+    order = list(dict.fromkeys(keys))
+    started = time.time()
+    for backend, variant in order:
+        for _ in range(args.rounds):
+            for name, targets in models.items():
+                target = next((t for t in targets if (t.backend, t.variant) == (backend, variant)), None)
+                if target is None:
+                    continue
+                result = run_target(target, settings)
+                row = enrich(target, result, bandwidth, read_verify(target.export_dir))
+                rows.setdefault((name, backend, variant), []).append(row)
+                decode = (row.get("decode") or {}).get("tokens_per_s")
+                print(
+                    f"[{time.time() - started:6.0f} s] {name:9s} {backend:11s} {variant:16s} "
+                    f"decode {decode or float('nan'):7.1f} tok/s  {row.get('error') or ''}",
+                    file=sys.stderr,
+                )
+    final = []
+    for runs in rows.values():
+        best = dict(runs[0])
+        decodes = [(r.get("decode") or {}).get("tokens_per_s") for r in runs]
+        decodes = [d for d in decodes if d]
+        if len(runs) > 1 and decodes:
+            best["decode"] = dict(best.get("decode") or {}, tokens_per_s=statistics.median(decodes), rounds=decodes)
+            roof = best.get("roofline_tokens_per_s")
+            best["roofline_fraction"] = best["decode"]["tokens_per_s"] / roof if roof else None
+        final.append(best)
+    add_ratios(final)
+    report = {
+        "kind": "cpu",
+        "model": ", ".join(f"{n}: {exports.get(n, '')}" for n in models),
+        "machine": machine_info(args.threads)
+        | {
+            "memory_bandwidth_gb_s": bandwidth / 1e9,
+            "load_average_start": load_start,
+            "load_average_end": load_average(),
+        },
+        "settings": vars(args) | {"prompt_lengths": args.prompt_lengths},
+        "results": final,
+        "irregular_vs_uniform": compare(final),
+        "shapes": {"uniform": UNIFORM, "irregular": irregular_shapes()},
+    }
+    out = Path(args.out)
+    paths = write_report(report, out.parent, stem=out.name)
+    summary = comparison_markdown(report["irregular_vs_uniform"])
+    with open(paths[1], "a") as f:
+        f.write("\n## Irregular vs uniform (same parameter count)\n\n" + summary + "\n")
+    from effllm.runtime.bench import markdown_table
+
+    print(markdown_table(report))
+    print("\n" + summary)
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    return 0
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """irregular / uniform latency per (backend, variant): decode ms/token, prefill time, TTFT."""
+    by = {(r.get("model"), r["backend"], r["variant"]): r for r in rows}
+    out = []
+    for (model, backend, variant), irr in by.items():
+        if model != "irregular":
+            continue
+        uni = by.get(("uniform", backend, variant))
+        if not uni or irr.get("error") or uni.get("error"):
+            continue
+
+        def ratio(a, b):
+            return a / b if a and b else None
+
+        d_irr, d_uni = (irr.get("decode") or {}).get("tokens_per_s"), (uni.get("decode") or {}).get("tokens_per_s")
+        entry = {
+            "backend": backend,
+            "variant": variant,
+            "decode_latency_ratio": ratio(d_uni, d_irr),  # irregular ms/token over uniform ms/token
+            "ttft_ratio": ratio(irr.get("ttft_s"), uni.get("ttft_s")),
+        }
+        for n, p in (irr.get("prefill") or {}).items():
+            q = (uni.get("prefill") or {}).get(n)
+            entry[f"prefill_{n}_latency_ratio"] = ratio(p and p.get("median_s"), q and q.get("median_s"))
+        out.append(entry)
+    return out
+
+
+def comparison_markdown(entries: list[dict]) -> str:
+    if not entries:
+        return "(no pairs measured)"
+    keys = [k for k in entries[0] if k.endswith("_ratio")]
+    lines = ["| backend | variant | " + " | ".join(k.replace("_", " ") for k in keys) + " |"]
+    lines.append("|" + "---|" * (len(keys) + 2))
+    for e in entries:
+        cells = ["-" if e[k] is None else f"{e[k]:.3f}" for k in keys]
+        lines.append(f"| {e['backend']} | {e['variant']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Ratios are irregular over uniform latency (1.00 = same; < 1.10 is within 10%).")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
