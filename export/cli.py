@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from effllm.runtime.generate import quiet_native_output  # one fd-silencing helper for export and runtime
 
 DEFAULT_MODEL_DIR = Path("runs/quickstart/model")
 DEFAULT_OUT = Path("runs/quickstart/export")
@@ -320,25 +321,8 @@ def quiet_libraries(native: bool = False):
         warnings.simplefilter("ignore")
         stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
         if native:
-            stack.enter_context(_native_output_to_devnull())
+            stack.enter_context(quiet_native_output())
         yield
-
-
-@contextlib.contextmanager
-def _native_output_to_devnull():
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
 
 
 def run_export(plan: Plan) -> int:
