@@ -287,7 +287,11 @@ def train(cfg: TrainConfig) -> dict:
     world_tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * info.world_size
     if plan is None:
         source_params = count_parameters(model.config).total
-        min_params = Pruner(model, pruning_cfg).min_params() if cfg.target_params is not None else None
+        min_params = None
+        if cfg.target_params is not None:
+            probe = Pruner(model, pruning_cfg)
+            min_params = probe.min_params()
+            probe.close()  # removes its token-counting hook; the run's own Pruner installs one
         target_params = resolve_target(cfg.target_params, source_params, min_params)
         total_steps = max(1, math.ceil(cfg.tokens / world_tokens_per_step))
         prune_tokens = cfg.prune_tokens if cfg.prune_tokens is not None else int(cfg.prune_fraction * cfg.tokens)
