@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     for extra in args.extra:
         label = Path(extra).resolve().parent.name if Path(extra).name in ("export", "model") else Path(extra).name
         models[label] = plan_targets(extra, args.backends, args.variants, label=label)
+        exports[label] = Path(extra)
 
     load_start = load_average()
     bandwidth = measure_bandwidth(args.threads)
@@ -187,16 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"decode {decode or float('nan'):7.1f} tok/s  {row.get('error') or ''}",
                     file=sys.stderr,
                 )
-    final = []
-    for runs in rows.values():
-        best = dict(runs[0])
-        decodes = [(r.get("decode") or {}).get("tokens_per_s") for r in runs]
-        decodes = [d for d in decodes if d]
-        if len(runs) > 1 and decodes:
-            best["decode"] = dict(best.get("decode") or {}, tokens_per_s=statistics.median(decodes), rounds=decodes)
-            roof = best.get("roofline_tokens_per_s")
-            best["roofline_fraction"] = best["decode"]["tokens_per_s"] / roof if roof else None
-        final.append(best)
+    final = [merge_rounds(runs) for runs in rows.values()]
     add_ratios(final)
     report = {
         "kind": "cpu",
@@ -223,6 +215,31 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + summary)
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One row from several rounds of the same target: medians of decode, prefill and TTFT over the rounds."""
+    row = dict(runs[0])
+    ok = [r for r in runs if not r.get("error")]
+    if len(runs) == 1 or not ok:
+        return row
+    row["rounds"] = len(ok)
+    decode = [r["decode"]["tokens_per_s"] for r in ok]
+    row["decode"] = dict(ok[0]["decode"], tokens_per_s=statistics.median(decode), rounds_tokens_per_s=decode)
+    row["ttft_s"] = statistics.median(r["ttft_s"] for r in ok)
+    row["load_s"] = statistics.median(r["load_s"] for r in ok)
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    prefill = {}
+    for n, first in (ok[0].get("prefill") or {}).items():
+        if first is None:
+            prefill[n] = None
+            continue
+        seconds = statistics.median(r["prefill"][n]["median_s"] for r in ok)
+        prefill[n] = dict(first, median_s=seconds, tokens_per_s=int(n) / seconds)
+    row["prefill"] = prefill
+    roof = row.get("roofline_tokens_per_s")
+    row["roofline_fraction"] = row["decode"]["tokens_per_s"] / roof if roof else None
+    return row
 
 
 def compare(rows: list[dict]) -> list[dict]:

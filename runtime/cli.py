@@ -214,8 +214,9 @@ def bench_parser() -> argparse.ArgumentParser:
         epilog=(
             "Every (backend, variant) runs in its own process (its own peak memory and threads); numbers are "
             "medians over --repeats runs after --warmup runs. Speeds are not comparable across machines under "
-            "different load: bench.json records the load average before and after. Exit codes: 0 done (a "
-            "variant that failed is marked in the report); 2 bad input, or no adb / no device for --target android."
+            "different load: bench.json records the load average before and after. Exit codes: 0 done; 1 done, "
+            "but some (backend, variant) failed (marked in the report, reason on stderr); 2 bad input, or no adb / "
+            "no device for --target android."
         ),
     )
     parser.add_argument(
@@ -339,7 +340,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     for r in errors:
         print(f"{prog}: {r['backend']} / {r['variant']} failed: {r['error']}", file=sys.stderr)
     print(f"{prog}: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
-    return 0
+    return 1 if errors else 0
 
 
 def _bench_android(args, model: Path, out: Path, settings) -> int:

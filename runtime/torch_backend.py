@@ -23,7 +23,7 @@ class TorchBackend(Backend):
         from transformers import AutoModelForCausalLM
         from transformers.cache_utils import DynamicCache
 
-        import effllm  # noqa: F401  (registers the EfficientLLM classes with the Auto classes)
+        from effllm import EfficientLLMForCausalLM  # noqa: F401  (registers the classes with the Auto classes)
 
         if threads:
             torch.set_num_threads(int(threads))
