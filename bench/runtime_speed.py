@@ -21,6 +21,7 @@ Writes bench/results/runtime_speed.{json,md,png}; the models and exports go to -
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -125,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", nargs="*", default=[], help="other models/exports to measure in the same run")
     parser.add_argument("--out", default=str(RESULTS / "runtime_speed"), help="output path without extension")
     parser.add_argument("--build-only", action="store_true", help="build and export the models, measure nothing")
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the table: load the irregular and the uniform model into one process per (backend, "
+        "variant) and time them alternately N times each (decode and prefill); writes runtime_speed_paired.*",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -158,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
     )
+    if args.paired:
+        return paired(exports, settings, args)
     models = {name: plan_targets(exports[name], args.backends, args.variants, label=name) for name in exports}
     for extra in args.extra:
         label = Path(extra).resolve().parent.name if Path(extra).name in ("export", "model") else Path(extra).name
@@ -214,6 +225,156 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(report))
     print("\n" + summary)
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+    return 0
+
+
+PAIRED_BOOT = """
+import importlib.util, json, sys, types
+if sys.argv[1] == "light":  # ONNX backends: effllm.runtime without effllm/__init__ (see effllm.runtime.bench)
+    spec = importlib.util.find_spec("effllm")
+    package = types.ModuleType("effllm")
+    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+    sys.modules["effllm"] = package
+sys.path.insert(0, sys.argv[2])
+from runtime_speed import paired_worker
+print(json.dumps(paired_worker(json.loads(sys.stdin.read()))))
+"""
+
+
+def paired_worker(spec: dict) -> dict:
+    """Both models in this process, timed alternately (irregular, uniform, uniform, irregular, ...)."""
+    import numpy as np
+    from effllm.runtime.generate import load_backend, quiet_native_output
+
+    with quiet_native_output():
+        models = {name: load_backend(spec["backend"], spec[name], spec["threads"]) for name in ("irregular", "uniform")}
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, 13000, spec["prompt"]).tolist()
+    long_prompt = rng.integers(1, 13000, spec["long_prompt"]).tolist()
+
+    def decode(backend) -> float:
+        token = int(np.argmax(backend.forward(prompt, 0)))
+        start = time.perf_counter()
+        for pos in range(len(prompt), len(prompt) + spec["new_tokens"]):
+            token = int(np.argmax(backend.forward([token], pos)))
+        return time.perf_counter() - start
+
+    def prefill(backend) -> float:
+        start = time.perf_counter()
+        backend.forward(long_prompt, 0)
+        return time.perf_counter() - start
+
+    times = {f"{kind}_{name}": [] for kind in ("decode", "prefill") for name in models}
+    for name in models:  # warm-up
+        decode(models[name])
+        prefill(models[name])
+    for r in range(spec["repeats"]):
+        order = ("irregular", "uniform") if r % 2 == 0 else ("uniform", "irregular")
+        for name in order:
+            times[f"decode_{name}"].append(decode(models[name]))
+            times[f"prefill_{name}"].append(prefill(models[name]))
+    return times
+
+
+def paired(exports: dict, settings, args) -> int:
+    """Irregular vs uniform latency per (backend, variant), each pair timed in one process, alternately."""
+    import subprocess
+
+    from effllm.runtime.bench import (
+        BENCH_BACKENDS,
+        FORMAT_OF_BACKEND,
+        atomic_write,
+        load_average,
+        machine_info,
+    )
+    from effllm.runtime.generate import find_model_files
+
+    files = {name: find_model_files(exports[name]) for name in ("irregular", "uniform")}
+    load_start = load_average()
+    results = []
+    for backend in args.backends or BENCH_BACKENDS:
+        fmt = FORMAT_OF_BACKEND[backend]
+        variants = ["model"] if fmt == "hf" else [n for n, (f, _) in files["irregular"].variants.items() if f == fmt]
+        for variant in variants:
+            if args.variants and variant not in args.variants:
+                continue
+            paths = {}
+            for name, found in files.items():
+                if fmt == "hf":
+                    paths[name] = str(found.hf)
+                else:
+                    vdir = found.variants[variant][1]
+                    paths[name] = str(vdir / "model.pte") if fmt == "pte" else str(vdir)
+            spec = dict(
+                paths,
+                backend=backend,
+                threads=settings.threads,
+                prompt=settings.prompt_lengths[0],
+                long_prompt=settings.prompt_lengths[-1],
+                new_tokens=settings.new_tokens,
+                repeats=args.paired,
+            )
+            mode = "light" if fmt == "onnx" else "full"
+            cmd = [sys.executable, "-c", PAIRED_BOOT, mode, str(Path(__file__).resolve().parent)]
+            env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(settings.threads))
+            proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                print(f"{backend} {variant}: failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            times = json.loads(proc.stdout.strip().splitlines()[-1])
+            entry = {"backend": backend, "variant": variant, "times_s": times}
+            for kind in ("decode", "prefill"):
+                irr, uni = times[f"{kind}_irregular"], times[f"{kind}_uniform"]
+                entry[f"{kind}_latency_ratio"] = statistics.median(a / b for a, b in zip(irr, uni))
+                entry[f"{kind}_ratio_range"] = [
+                    min(a / b for a, b in zip(irr, uni)),
+                    max(a / b for a, b in zip(irr, uni)),
+                ]
+                entry[f"{kind}_median_s"] = {"irregular": statistics.median(irr), "uniform": statistics.median(uni)}
+            entry["decode_tokens_per_s"] = {k: settings.new_tokens / v for k, v in entry["decode_median_s"].items()}
+            results.append(entry)
+            print(
+                f"{backend:11s} {variant:16s} decode irregular/uniform {entry['decode_latency_ratio']:.3f} "
+                f"(range {entry['decode_ratio_range'][0]:.2f}-{entry['decode_ratio_range'][1]:.2f}), "
+                f"prefill {entry['prefill_latency_ratio']:.3f}",
+                file=sys.stderr,
+            )
+    report = {
+        "machine": machine_info(settings.threads)
+        | {"load_average_start": load_start, "load_average_end": load_average()},
+        "settings": {
+            "threads": settings.threads,
+            "prompt_tokens": settings.prompt_lengths[0],
+            "prefill_tokens": settings.prompt_lengths[-1],
+            "new_tokens": settings.new_tokens,
+            "pairs": args.paired,
+        },
+        "shapes": {"uniform": UNIFORM, "irregular": irregular_shapes()},
+        "results": results,
+    }
+    out = Path(args.out + "_paired")
+    atomic_write(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    lines = [
+        "# Irregular vs uniform model, same parameter count (95.2M), timed in one process, alternately",
+        "",
+        f"Machine: {report['machine']['cpu']}, {settings.threads} threads; load average "
+        f"{load_start} at start, {report['machine']['load_average_end']} at end. Each row: both models loaded in "
+        f"one process, {args.paired} alternating pairs of (decode {settings.new_tokens} tokens after a "
+        f"{settings.prompt_lengths[0]}-token prompt, prefill {settings.prompt_lengths[-1]} tokens); the ratio is the "
+        "median over pairs of irregular time / uniform time (1.00 = same, < 1.10 = within 10%).",
+        "",
+        "| backend | variant | decode tok/s irregular | decode tok/s uniform | decode latency ratio | ratio range "
+        "| prefill latency ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in results:
+        lines.append(
+            f"| {e['backend']} | {e['variant']} | {e['decode_tokens_per_s']['irregular']:.1f} "
+            f"| {e['decode_tokens_per_s']['uniform']:.1f} | {e['decode_latency_ratio']:.3f} "
+            f"| {e['decode_ratio_range'][0]:.2f}-{e['decode_ratio_range'][1]:.2f} | {e['prefill_latency_ratio']:.3f} |"
+        )
+    atomic_write(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 

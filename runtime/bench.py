@@ -640,7 +640,7 @@ def markdown_report(report: dict) -> str:
 
 
 def chart_png(report: dict) -> bytes | None:
-    """A bar chart of decode and prefill speed per backend/variant (PNG bytes), None without matplotlib."""
+    """Decode and prefill speed per backend/variant as bars (PNG bytes); one row of panels per model."""
     try:
         import matplotlib
 
@@ -653,27 +653,38 @@ def chart_png(report: dict) -> bytes | None:
     rows = [r for r in report["results"] if not r.get("error")]
     if not rows:
         return None
-    multi = len({r.get("model", "") for r in rows}) > 1
-    labels = [(f"{r.get('model')}: " if multi else "") + f"{r['backend']} / {r['variant']}" for r in rows]
+    models = list(dict.fromkeys(r.get("model", "") for r in rows))
     lengths = report["settings"]["prompt_lengths"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 1.8), sharey=True)
-    y = np.arange(len(rows))
-    decode = [(r.get("decode") or {}).get("tokens_per_s") or 0 for r in rows]
-    axes[0].barh(y, decode, color="tab:blue", label="achieved")
-    roof = [r.get("roofline_tokens_per_s") for r in rows]
-    if any(roof):
-        axes[0].scatter([x or np.nan for x in roof], y, marker="|", s=300, color="tab:red", label="roofline")
-    axes[0].set_title("decode tokens/s")
-    axes[0].legend(loc="lower right", fontsize=8)
-    height = 0.8 / max(len(lengths), 1)
-    for i, n in enumerate(lengths):
-        vals = [((r.get("prefill") or {}).get(str(n)) or {}).get("tokens_per_s") or 0 for r in rows]
-        axes[1].barh(y + (i - (len(lengths) - 1) / 2) * height, vals, height=height, label=f"prompt {n}")
-    axes[1].set_title("prefill tokens/s")
-    axes[1].legend(loc="lower right", fontsize=8)
-    axes[0].set_yticks(y)
-    axes[0].set_yticklabels(labels, fontsize=8)
-    axes[0].invert_yaxis()
+    heights = [len([r for r in rows if r.get("model", "") == m]) for m in models]
+    fig, axes = plt.subplots(
+        len(models),
+        2,
+        figsize=(13, 0.42 * sum(heights) + 1.6 * len(models)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
+    for (ax_decode, ax_prefill), model in zip(axes, models):
+        mine = [r for r in rows if r.get("model", "") == model]
+        y = np.arange(len(mine))
+        decode = [(r.get("decode") or {}).get("tokens_per_s") or 0 for r in mine]
+        ax_decode.barh(y, decode, color="tab:blue", label="achieved")
+        roof = [r.get("roofline_tokens_per_s") for r in mine]
+        visible = [x for x in roof if x and x < 4 * max(decode + [1e-9])]  # a far-off roofline would flatten the bars
+        if visible:
+            ax_decode.scatter([x if x in visible else np.nan for x in roof], y, marker="|", s=300, color="tab:red",
+                              label="roofline")  # fmt: skip
+        ax_decode.set_title(f"{model + ': ' if model else ''}decode tokens/s", fontsize=10)
+        ax_decode.legend(loc="lower right", fontsize=7)
+        height = 0.8 / max(len(lengths), 1)
+        for i, n in enumerate(lengths):
+            vals = [((r.get("prefill") or {}).get(str(n)) or {}).get("tokens_per_s") or 0 for r in mine]
+            ax_prefill.barh(y + (i - (len(lengths) - 1) / 2) * height, vals, height=height, label=f"prompt {n}")
+        ax_prefill.set_title(f"{model + ': ' if model else ''}prefill tokens/s", fontsize=10)
+        ax_prefill.legend(loc="lower right", fontsize=7)
+        for ax in (ax_decode, ax_prefill):
+            ax.set_yticks(y)
+            ax.set_yticklabels([f"{r['backend']} / {r['variant']}" for r in mine], fontsize=8)
+            ax.invert_yaxis()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
