@@ -283,11 +283,12 @@ def paired(exports: dict, settings, args) -> int:
     from effllm.runtime.bench import (
         BENCH_BACKENDS,
         FORMAT_OF_BACKEND,
-        atomic_write,
         load_average,
         machine_info,
     )
     from effllm.runtime.generate import find_model_files
+
+    from effllm.fileio import write_atomic
 
     files = {name: find_model_files(exports[name]) for name in ("irregular", "uniform")}
     load_start = load_average()
@@ -353,7 +354,7 @@ def paired(exports: dict, settings, args) -> int:
         "results": results,
     }
     out = Path(args.out + "_paired")
-    atomic_write(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
     lines = [
         "# Irregular vs uniform model, same parameter count (95.2M), timed in one process, alternately",
         "",
@@ -373,7 +374,7 @@ def paired(exports: dict, settings, args) -> int:
             f"| {e['decode_tokens_per_s']['uniform']:.1f} | {e['decode_latency_ratio']:.3f} "
             f"| {e['decode_ratio_range'][0]:.2f}-{e['decode_ratio_range'][1]:.2f} | {e['prefill_latency_ratio']:.3f} |"
         )
-    atomic_write(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fileio import atomic_replace_dir, write_json_atomic
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message says what is wrong."""
@@ -35,24 +37,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written directory into place; the previous one is removed only afterwards."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def save_checkpoint(path: Path, model, tokenizer, optimizer, pruner, trainer_state: dict) -> None:

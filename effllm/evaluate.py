@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import write_json_atomic
+from .fileio import write_atomic, write_json_atomic
 
 PAPER_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande", "mmlu"]
 DEFAULT_MODEL = Path("runs/quickstart/model")
@@ -191,12 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except EvalError as err:
         print(f"effllm-eval: error: {err}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "eval.json", report)
     markdown = to_markdown(report)
-    tmp = out / ".eval.md.tmp"
-    tmp.write_text(markdown)
-    tmp.replace(out / "eval.md")
+    write_atomic(out / "eval.md", markdown)
     print(markdown)
     print(f"written: {out / 'eval.json'}, {out / 'eval.md'}")
     return 0

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state, write_json_atomic
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .configuration_effllm import EfficientLLMConfig
 from .convert import UnsupportedSourceError, from_pretrained
+from .fileio import atomic_replace_dir, write_atomic, write_json_atomic
 from .modeling_effllm import EfficientLLMForCausalLM
 from .params import architecture_summary, count_parameters, format_count, parse_count
 from .recipe import TrainConfig
@@ -185,7 +186,7 @@ class JsonlLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, records: list[dict]) -> None:
         if self.enabled and records:
@@ -196,12 +197,6 @@ class JsonlLog:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def param_breakdown(config: EfficientLLMConfig) -> dict:
@@ -530,8 +525,6 @@ def train(cfg: TrainConfig) -> dict:
             shutil.rmtree(tmp)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        from .checkpoint import atomic_replace_dir
-
         atomic_replace_dir(tmp, model_dir)
         phase_speed = {k: v[1] / v[0] for k, v in run_state["phase_time"].items() if v[0] > 0}
         result = {

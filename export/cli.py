@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from effllm.runtime.generate import quiet_native_output  # one fd-silencing helper for export and runtime
 
+from effllm.fileio import unwritable_reason
+
 DEFAULT_MODEL_DIR = Path("runs/quickstart/model")
 DEFAULT_OUT = Path("runs/quickstart/export")
 FORMATS = ("onnx", "executorch")
@@ -265,15 +267,9 @@ def check_model_dir(model_dir: Path):
 
 
 def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".effllm-export-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise BadInput(
-            f"cannot write to output directory {out} ({err.strerror or err}); choose a writable --out"
-        ) from None
+    reason = unwritable_reason(out, "effllm-export")
+    if reason:
+        raise BadInput(f"cannot write to output directory {out} ({reason}); choose a writable --out")
 
 
 def find_train_heldout(model_dir: Path, vocab_size: int) -> Path | None:

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from effllm.fileio import write_atomic
+
 GREEDY_TOKENS = 32
 FP32_MAX_ABS_LOGIT_DIFF = 1e-4
 QUANTIZED_THRESHOLDS = {
@@ -367,8 +369,8 @@ def write_reports(reports: list[VariantReport], out_dir: str | Path, extra: dict
         **(extra or {}),
         "variants": [r.as_dict() for r in reports],
     }
-    _atomic_write(out_dir / "verify.json", json.dumps(_without_nan(summary), indent=2) + "\n")
-    _atomic_write(out_dir / "verify.md", "# Export verification\n\n" + format_table(reports) + "\n\n" + LEGEND)
+    write_atomic(out_dir / "verify.json", json.dumps(_without_nan(summary), indent=2) + "\n")
+    write_atomic(out_dir / "verify.md", "# Export verification\n\n" + format_table(reports) + "\n\n" + LEGEND)
     return summary
 
 
@@ -381,9 +383,3 @@ def _without_nan(value):
     if isinstance(value, (list, tuple)):
         return [_without_nan(v) for v in value]
     return value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from effllm.fileio import write_atomic
+
 from .generate import (
     BACKENDS,
     FORMAT_OF_BACKEND,
@@ -555,16 +557,6 @@ def _clean(value):
     return value
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
-
-
 def _fmt(x, spec=".1f", scale=1.0):
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x * scale, spec)
 
@@ -697,12 +689,12 @@ def write_report(report: dict, out_dir: str | Path, stem: str = "bench") -> list
     out_dir = Path(out_dir)
     report = _clean(report)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-    atomic_write(paths[0], json.dumps(report, indent=2) + "\n")
-    atomic_write(paths[1], markdown_report(report))
+    write_atomic(paths[0], json.dumps(report, indent=2) + "\n")
+    write_atomic(paths[1], markdown_report(report))
     png = chart_png(report)
     if png is not None:
         paths.append(out_dir / f"{stem}.png")
-        atomic_write(paths[2], png)
+        write_atomic(paths[2], png)
     return paths
 
 

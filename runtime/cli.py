@@ -371,15 +371,13 @@ def _bench_android(args, model: Path, out: Path, settings) -> int:
 
 
 def _check_writable(out: Path) -> None:
+    from effllm.fileio import unwritable_reason
+
     from .bench import BenchError
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".effllm-bench-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise BenchError(f"cannot write to {out} ({err.strerror or err}); choose a writable --out") from None
+    reason = unwritable_reason(out, "effllm-bench")
+    if reason:
+        raise BenchError(f"cannot write to {out} ({reason}); choose a writable --out")
 
 
 if __name__ == "__main__":
