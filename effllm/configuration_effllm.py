@@ -12,6 +12,7 @@ uniform shapes. Use ``config.layer_shapes()`` or ``config.per_layer_config[i]`` 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -180,3 +181,6 @@ class EfficientLLMConfig(PretrainedConfig):
 
 
 __all__ = ["EfficientLLMConfig", "EfficientLLMConfigError"]
+
+if __name__ == "effllm.configuration_effllm":  # the installed package, not a copy loaded with trust_remote_code
+    importlib.import_module("effllm.modeling_effllm")  # registers both classes with the Auto classes

@@ -331,3 +331,13 @@ class EfficientLLMForCausalLM(EfficientLLMPreTrainedModel, GenerationMixin):
 
 
 __all__ = ["EfficientLLMForCausalLM", "EfficientLLMModel", "EfficientLLMPreTrainedModel"]
+
+if __name__ == "effllm.modeling_effllm":  # the installed package, not a copy loaded with trust_remote_code
+    # The Auto classes then know model_type "effllm" without trust_remote_code, and save_pretrained
+    # copies configuration_effllm.py / modeling_effllm.py into the directory with an auto_map.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(EfficientLLMConfig.model_type, EfficientLLMConfig, exist_ok=True)
+    AutoModelForCausalLM.register(EfficientLLMConfig, EfficientLLMForCausalLM, exist_ok=True)
+    EfficientLLMConfig.register_for_auto_class()
+    EfficientLLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")

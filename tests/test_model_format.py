@@ -201,6 +201,27 @@ def test_auto_classes_registered(tmp_path):
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), EfficientLLMForCausalLM)
 
 
+@pytest.mark.parametrize("order", ["effllm first", "transformers first"])
+def test_import_effllm_registers_without_loading_torch_itself(tmp_path, order):
+    """`import effllm` is light (no torch) yet the Auto classes know effllm, whichever is imported first."""
+    tiny_model(**IRREGULAR).save_pretrained(tmp_path)
+    imports = "import effllm" if order == "effllm first" else "import transformers; import effllm"
+    script = textwrap.dedent(f"""
+        import sys
+        {imports}
+        torch_loaded = "torch" in sys.modules
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
+        print(torch_loaded, type(m).__module__)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    torch_loaded, module = run.stdout.split()
+    assert module == "effllm.modeling_effllm"  # the installed class, not trust_remote_code's copy
+    if order == "effllm first":
+        assert torch_loaded == "False"
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

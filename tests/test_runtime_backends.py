@@ -151,12 +151,6 @@ def test_locate_finds_files_from_any_entry_point(run_dir):
 ONNX_PATH_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    if sys.argv[2] == "stub":  # import effllm.runtime without running effllm/__init__.py
-        import importlib.util, types
-        spec = importlib.util.find_spec("effllm")
-        package = types.ModuleType("effllm")
-        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
-        sys.modules["effllm"] = package
     from effllm.runtime.generate import load_generator
     texts = [load_generator(sys.argv[1], backend=b).generate("The return statement", 6).text
              for b in ("onnxruntime", "genai")]
@@ -165,29 +159,17 @@ ONNX_PATH_SCRIPT = textwrap.dedent(
 )
 
 
-def _onnx_path(run_dir, mode):
+def test_onnx_path_imports_no_torch(run_dir, generators):
+    expected = generators["onnxruntime"].generate("The return statement", 6).text
     out = subprocess.run(
-        [sys.executable, "-c", ONNX_PATH_SCRIPT, str(run_dir / "export"), mode],
+        [sys.executable, "-c", ONNX_PATH_SCRIPT, str(run_dir / "export")],
         capture_output=True,
         text=True,
         timeout=300,
         env=dict(os.environ, TOKENIZERS_PARALLELISM="false"),
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def test_onnx_path_imports_no_torch(run_dir, generators):
-    expected = generators["onnxruntime"].generate("The return statement", 6).text
-    runtime_only = _onnx_path(run_dir, "stub")
-    assert runtime_only == {"torch": False, "texts": [expected, expected]}  # runtime/'s own imports are torch-free
-    installed = _onnx_path(run_dir, "real")
-    assert installed["texts"] == [expected, expected]
-    if installed["torch"]:
-        pytest.xfail(
-            "effllm/__init__.py imports transformers (and so torch) eagerly; the runtime modules themselves do not "
-            "(checked above). Making effllm/__init__ lazy makes `import effllm.runtime.onnx_backend` torch-free."
-        )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch": False, "texts": [expected, expected]}
 
 
 # ---- effllm-generate ----------------------------------------------------------------------------------
