@@ -229,13 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PAIRED_BOOT = """
-import importlib.util, json, sys, types
-if sys.argv[1] == "light":  # ONNX backends: effllm.runtime without effllm/__init__ (see effllm.runtime.bench)
-    spec = importlib.util.find_spec("effllm")
-    package = types.ModuleType("effllm")
-    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
-    sys.modules["effllm"] = package
-sys.path.insert(0, sys.argv[2])
+import json, sys
+sys.path.insert(0, sys.argv[1])
 from runtime_speed import paired_worker
 print(json.dumps(paired_worker(json.loads(sys.stdin.read()))))
 """
@@ -315,8 +310,7 @@ def paired(exports: dict, settings, args) -> int:
                 new_tokens=settings.new_tokens,
                 repeats=args.paired,
             )
-            mode = "light" if fmt == "onnx" else "full"
-            cmd = [sys.executable, "-c", PAIRED_BOOT, mode, str(Path(__file__).resolve().parent)]
+            cmd = [sys.executable, "-c", PAIRED_BOOT, str(Path(__file__).resolve().parent)]
             env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(settings.threads))
             proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, env=env)
             if proc.returncode != 0:

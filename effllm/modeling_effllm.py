@@ -81,9 +81,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, seq, head_dim]; cos/sin: [batch, seq, head_dim]."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int = 1) -> torch.Tensor:
+    """x: [batch, heads, seq, head_dim] (heads_dim=1) or [batch, seq, heads, head_dim] (heads_dim=2); cos/sin: [batch, seq, head_dim]."""
+    cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
+    return x * cos + rotate_half(x) * sin
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -121,14 +122,18 @@ class EfficientLLMAttention(nn.Module):
         return self.k_proj.weight.shape[0] // self.head_dim
 
     def project_qkv(
-        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_first: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values with RoPE applied: [batch, heads, seq, head_dim]."""
+        """Queries, keys and values with RoPE applied: [batch, heads, seq, head_dim], or
+        [batch, seq, heads, head_dim] with heads_first=False (the layout of ExecuTorch's attention ops)."""
         b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        q, k, v = (
+            proj(hidden_states).view(b, t, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if heads_first:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        heads_dim = 1 if heads_first else 2
+        return apply_rotary(q, cos, sin, heads_dim), apply_rotary(k, cos, sin, heads_dim), v
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False

@@ -2,9 +2,20 @@
 
 The program (see ../shared/DESIGN.md, "ExecuTorch format"):
     forward(tokens int64[1, T], input_pos int64[T]) -> logits float[1, T, vocab]
-Each attention layer owns two buffers [1, kv_heads_i, max_seq_len, head_dim] that forward updates
-in place at input_pos, so layers keep their own KV-head counts. The constant methods below are what
-TextLLMRunner (and Android's LlmModule, which wraps it) read to decide how to call forward.
+input_pos holds consecutive positions start..start+T-1, as ExecuTorch's LLM runner passes them.
+Each attention layer owns two buffers that forward updates in place, so layers keep their own
+KV-head counts. The constant methods below are what TextLLMRunner (and Android's LlmModule, which
+wraps it) read to decide how to call forward.
+
+Attention runs in ExecuTorch's LLM kernels (llama::update_cache, llama::custom_sdpa): they attend
+over the filled slots 0..start+T-1 only and serve grouped KV heads without copying the cache,
+where the plain-aten version attended over all max_seq_len slots with a mask and repeated the
+cache for every query head outside XNNPACK (decode 3.7x slower on the quickstart model at
+max_seq_len 256, more with longer caches). They want the cache as [1, max_seq_len, kv_heads_i,
+head_dim], not DESIGN.md's [1, kv_heads_i, max_seq_len, head_dim]; the buffers are internal, so
+forward's inputs and outputs are unchanged. Every runtime that runs the file must have these
+kernels: the executorch-android AAR and runners built with EXECUTORCH_BUILD_KERNELS_LLM=ON do, and
+in Python ``load_llm_kernels()`` registers them (effllm's ExecuTorch backends call it).
 
 8da4w: int8 dynamic activations, int4 weights in groups of ``group_size`` input channels. A linear
 whose input width is not a multiple of the group size (pruning leaves widths like 17) falls back to
@@ -28,15 +39,21 @@ PTE_FILE = "model.pte"
 DEFAULT_GROUP_SIZE = 32
 
 
+def load_llm_kernels() -> None:
+    """Register ExecuTorch's LLM ops (torch.ops.llama.*) for export, and their kernels for the runtime."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (loads libcustom_ops_aot_lib)
+
+
 class ExecuTorchDecoder(nn.Module):
     """The model's own modules around a static KV cache held in buffers, one pair per attention layer.
 
-    Slots past the current position hold stale or zero values; the mask hides them, so a new
-    prompt can start again at position 0 without clearing the cache.
+    Slots past the current position may hold a previous prompt's values; custom_sdpa reads only
+    slots 0..start+T-1, so a new prompt can start again at position 0 without clearing the cache.
     """
 
     def __init__(self, model, max_seq_len: int):
         super().__init__()
+        load_llm_kernels()
         self.model = model
         self.max_seq_len = int(max_seq_len)
         config = model.config
@@ -46,7 +63,7 @@ class ExecuTorchDecoder(nn.Module):
             if layer.self_attn is None:
                 self.cache_names.append(None)
                 continue
-            shape = (1, layer.self_attn.num_kv_heads, self.max_seq_len, config.head_dim)
+            shape = (1, self.max_seq_len, layer.self_attn.num_kv_heads, config.head_dim)
             names = (f"k_cache_{cache_index}", f"v_cache_{cache_index}")
             for name in names:
                 self.register_buffer(name, torch.zeros(shape), persistent=False)
@@ -55,17 +72,20 @@ class ExecuTorchDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         inner = self.model.model
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + tokens.shape[1] <= self.max_seq_len)
         hidden = inner.embed_tokens(tokens)
         cos, sin = inner.rotary_emb(hidden, input_pos[None, :])
-        slots = torch.arange(self.max_seq_len, device=tokens.device)
-        mask = (slots[None, :] <= input_pos[:, None])[None, None]  # [1, 1, T, max_seq_len]
         for layer, names in zip(inner.layers, self.cache_names):
             if names is not None:
-                q, k, v = layer.self_attn.project_qkv(layer.input_layernorm(hidden), cos, sin)
+                attn = layer.self_attn
+                q, k, v = attn.project_qkv(layer.input_layernorm(hidden), cos, sin, heads_first=False)
                 k_cache, v_cache = getattr(self, names[0]), getattr(self, names[1])
-                k_cache.index_copy_(2, input_pos, k)
-                v_cache.index_copy_(2, input_pos, v)
-                hidden = hidden + layer.self_attn.attend(q, k_cache, v_cache, mask)
+                torch.ops.llama.update_cache(k, k_cache, start)
+                torch.ops.llama.update_cache(v, v_cache, start)
+                out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, attn.scaling)
+                hidden = hidden + attn.o_proj(out.flatten(2))
             if layer.mlp is not None:
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(inner.norm(hidden))

@@ -255,19 +255,9 @@ def worker_main() -> None:
     Path(spec["result_path"]).write_text(json.dumps(result))
 
 
-# The ONNX workers import effllm.runtime without running effllm/__init__.py, which loads torch and
-# transformers for training: their peak memory is then that of an onnxruntime-only deployment
-# (numpy + onnxruntime + tokenizers). The worker records whether torch got imported all the same.
-WORKER_BOOT = """
-import importlib.util, sys, types
-if sys.argv[1] == "light":
-    spec = importlib.util.find_spec("effllm")
-    package = types.ModuleType("effllm")
-    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
-    sys.modules["effllm"] = package
-from effllm.runtime.bench import worker_main
-worker_main()
-"""
+# A fresh process per target: peak memory is then that backend's alone (the ONNX workers import no
+# torch, as in an onnxruntime-only deployment; the worker records whether torch got imported).
+WORKER_BOOT = "from effllm.runtime.bench import worker_main; worker_main()"
 
 
 def run_target(target: Target, settings: BenchSettings) -> dict:
@@ -288,8 +278,7 @@ def run_target(target: Target, settings: BenchSettings) -> dict:
         if settings.threads:
             # torch/OpenMP read these at import; onnxruntime and ExecuTorch get the count from the backend
             env.update(OMP_NUM_THREADS=str(settings.threads), MKL_NUM_THREADS=str(settings.threads))
-        light = FORMAT_OF_BACKEND[target.backend] == "onnx"
-        cmd = [sys.executable, "-c", WORKER_BOOT, "light" if light else "full"]
+        cmd = [sys.executable, "-c", WORKER_BOOT]
         try:
             proc = subprocess.run(
                 cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=settings.timeout_s, env=env

@@ -31,11 +31,15 @@ from .generate import (
 from .sampling import GREEDY, SamplingConfig, SamplingError
 
 
-def set_threads(threads: int | None) -> None:
-    """XNNPACK's thread pool size (ExecuTorch's default: the number of performance cores)."""
+def prepare_runtime(threads: int | None) -> None:
+    """Register the LLM kernels our .pte files use, and size XNNPACK's thread pool (default: the
+    number of performance cores)."""
     from executorch.extension.pybindings import portable_lib
 
+    from ..export.executorch_export import load_llm_kernels
+
     with quiet_native_output():
+        load_llm_kernels()
         if threads:
             portable_lib._unsafe_reset_threadpool(int(threads))
         else:
@@ -67,7 +71,7 @@ class ExecuTorchBackend(Backend):
 
         self.path = pte_path(path)
         self._torch = torch
-        set_threads(threads)
+        prepare_runtime(threads)
         self.program = Runtime.get().load_program(str(self.path))
         if "forward" not in self.program.method_names:
             raise GenerationError(f"{self.path} has no forward method; re-export it with effllm-export")
@@ -104,7 +108,7 @@ class RunnerGenerator:
         tokenizer = Path(tokenizer)
         if not tokenizer.is_file():
             raise GenerationError(f"no tokenizer at {tokenizer}; the variant directory must hold tokenizer.json")
-        set_threads(threads)
+        prepare_runtime(threads)
         with quiet_native_output():
             from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
