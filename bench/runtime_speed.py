@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_report(report, out.parent, stem=out.name)
     summary = comparison_markdown(report["irregular_vs_uniform"])
     with open(paths[1], "a") as f:
-        f.write("\n## Irregular vs uniform (same parameter count)\n\n" + summary + "\n")
+        f.write("\n## Irregular vs uniform (same parameter count)\n\n" + summary + "\n\n" + UNPAIRED_CAVEAT + "\n")
     from effllm.runtime.bench import markdown_table
 
     print(markdown_table(report))
@@ -234,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
     return 0
 
+
+UNPAIRED_CAVEAT = (
+    "These ratios compare runs made minutes apart, so load from other tenants skews them; "
+    "`--paired N` (runtime_speed_paired.md) times both models alternately in one process."
+)
 
 PAIRED_BOOT = """
 import json, sys
