@@ -350,7 +350,7 @@ def train(cfg: TrainConfig) -> dict:
     device = info.device
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
 
     def autocast():

@@ -276,7 +276,8 @@ def test_gradient_checkpointing_and_bf16():
     loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
     loss2 = model(ids, labels=ids).loss
     loss2.backward()
     assert torch.allclose(loss, loss2)
