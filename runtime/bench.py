@@ -2,7 +2,8 @@
 
 For each backend and exported variant (torch on the model directory; onnxruntime and
 onnxruntime-genai on onnx/, onnx-int8/, onnx-int4/; ExecuTorch on executorch/, executorch-8da4w/):
-    load_s            constructing the backend (session / program / model) from the files on disk
+    load_s            a cold start: importing the backend's libraries (torch, onnxruntime, ...) and
+                      constructing it (session / program / model) from the files on disk
     ttft_s            prompt of the first length (128) through the model until the first token is chosen
     prefill tok/s     prompt tokens / the prompt's forward pass, for each prompt length (128, 512)
     decode tok/s      new tokens / their time, one forward per token after a 128-token prompt (128 new)
@@ -614,6 +615,7 @@ def markdown_report(report: dict) -> str:
         "",
         markdown_table(report),
         "",
+        "load: a cold start, importing the backend's libraries included. "
         "TTFT: the first prompt through the model until the first token is chosen. vs torch: decode speed over "
         "torch eager's on the same model; vs fp32: over the same backend's fp32 variant. Roofline: memory "
         "bandwidth / bytes of weights read per token (an upper bound for decoding). top-1 agree / ppl change: "
