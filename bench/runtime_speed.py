@@ -139,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from effllm.runtime.bench import (
         BenchSettings,
+        RunConditions,
         add_ratios,
         enrich,
-        load_average,
-        machine_info,
-        measure_bandwidth,
         plan_targets,
         read_verify,
         run_target,
@@ -175,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         models[label] = plan_targets(extra, args.backends, args.variants, label=label)
         exports[label] = Path(extra)
 
-    load_start = load_average()
-    bandwidths = [measure_bandwidth(args.threads)]
+    conditions = RunConditions(args.threads)
     print(
-        f"read bandwidth {bandwidths[0] / 1e9:.1f} GB/s on {args.threads} threads; load {load_start}", file=sys.stderr
+        f"read bandwidth {conditions.bandwidths[0] / 1e9:.1f} GB/s on {args.threads} threads; "
+        f"load {conditions.load_start}",
+        file=sys.stderr,
     )
     measured: dict[tuple, list[tuple]] = {}
     keys = []
@@ -200,8 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"decode {decode or float('nan'):7.1f} tok/s  {result.get('error') or ''}",
                     file=sys.stderr,
                 )
-    bandwidths.append(measure_bandwidth(args.threads))
-    bandwidth = max(bandwidths)  # see effllm.runtime.bench: other tenants only ever lower it
+    bandwidth, machine = conditions.finish()
     final = [
         merge_rounds([enrich(target, result, bandwidth, read_verify(target.export_dir)) for target, result in runs])
         for runs in measured.values()
@@ -210,13 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "kind": "cpu",
         "model": ", ".join(f"{n}: {exports.get(n, '')}" for n in models),
-        "machine": machine_info(args.threads)
-        | {
-            "memory_bandwidth_gb_s": bandwidth / 1e9,
-            "memory_bandwidth_measured_gb_s": [b / 1e9 for b in bandwidths],
-            "load_average_start": load_start,
-            "load_average_end": load_average(),
-        },
+        "machine": machine,
         "settings": vars(args) | {"prompt_lengths": args.prompt_lengths},
         "results": final,
         "irregular_vs_uniform": compare(final),

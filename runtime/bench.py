@@ -17,7 +17,7 @@ its own and the ONNX runs never import torch.
 Decode roofline: decoding one token reads every weight once, so it cannot beat
     roofline tok/s = memory bandwidth / bytes of weights read per token
 The bandwidth is measured here (numpy reductions over 512 MiB on ``threads`` threads, best of 5), before
-and after the runs; the roofline uses the higher: other tenants of a shared machine only ever lower it.
+and after the runs (RunConditions); the roofline uses the higher.
 Bytes per token: every weight tensor, except an embedding table that is only gathered from (one row
 is read); a tied embedding is read in full by the output projection. For ONNX files this is read off
 the graph; for the torch model off model.safetensors (run as float32); for .pte files it is estimated
@@ -455,6 +455,29 @@ def machine_info(threads: int | None) -> dict:
     }
 
 
+class RunConditions:
+    """Load and memory bandwidth around a benchmark run: measured at the start and again at finish().
+
+    The roofline uses the higher bandwidth: other tenants of a shared machine only ever lower it.
+    """
+
+    def __init__(self, threads: int | None):
+        self.threads = threads
+        self.load_start = load_average()
+        self.bandwidths = [measure_bandwidth(threads)]
+
+    def finish(self) -> tuple[float, dict]:
+        """(bandwidth for the roofline in bytes/s, the report's "machine" section)."""
+        self.bandwidths.append(measure_bandwidth(self.threads))
+        bandwidth = max(self.bandwidths)
+        return bandwidth, machine_info(self.threads) | {
+            "memory_bandwidth_gb_s": bandwidth / 1e9,
+            "memory_bandwidth_measured_gb_s": [b / 1e9 for b in self.bandwidths],
+            "load_average_start": self.load_start,
+            "load_average_end": load_average(),
+        }
+
+
 def enrich(target: Target, result: dict, bandwidth: float | None, verify: dict) -> dict:
     """The target's row: its description, the measurement, bytes per token, roofline, accuracy."""
     row = asdict(target) | result
@@ -506,8 +529,7 @@ def run_bench(
 ) -> dict:
     """Benchmark every target of MODEL; the report dict (see write_report)."""
     targets = plan_targets(model, backends, variants)
-    load_start = load_average()
-    bandwidths = [measure_bandwidth(settings.threads)]
+    conditions = RunConditions(settings.threads)
     measured = []
     bar = _progress(len(targets), progress)
     for target in targets:
@@ -515,20 +537,13 @@ def run_bench(
         measured.append((target, run_target(target, settings)))
         bar.update(1)
     bar.close()
-    bandwidths.append(measure_bandwidth(settings.threads))
-    bandwidth = max(bandwidths)
+    bandwidth, machine = conditions.finish()
     rows = [enrich(target, result, bandwidth, read_verify(target.export_dir)) for target, result in measured]
     add_ratios(rows)
     return {
         "kind": "cpu",
         "model": str(Path(model).resolve()),
-        "machine": machine_info(settings.threads)
-        | {
-            "memory_bandwidth_gb_s": bandwidth / 1e9,
-            "memory_bandwidth_measured_gb_s": [b / 1e9 for b in bandwidths],
-            "load_average_start": load_start,
-            "load_average_end": load_average(),
-        },
+        "machine": machine,
         "settings": asdict(settings),
         "results": rows,
     }
@@ -730,6 +745,7 @@ def android_report(model: Path, raw: dict, settings: BenchSettings) -> dict:
 __all__ = [
     "BenchError",
     "BenchSettings",
+    "RunConditions",
     "Target",
     "measure_bandwidth",
     "plan_targets",
