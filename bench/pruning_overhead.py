@@ -16,7 +16,6 @@ EMAs). Prints a table and writes bench/results/pruning_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from effllm import EfficientLLMConfig, EfficientLLMForCausalLM
+from effllm.fileio import write_json_atomic
 from effllm.params import count_parameters, format_count
 from effllm.pruning import Pruner, PruningConfig
 
@@ -171,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     width = max(len(r[0]) for r in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json_atomic(args.out, result, indent=2)
     print(f"wrote {args.out}")
     return 0
 

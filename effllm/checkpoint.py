@@ -9,15 +9,13 @@ crash at any moment leaves one complete checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .fileio import atomic_replace_dir, write_json_atomic
+from .fileio import staged_dir, write_json_atomic
 
 
 class CheckpointError(ValueError):
@@ -40,23 +38,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, model, tokenizer, optimizer, pruner, trainer_state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp / "model")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "pruner": pruner.state_dict() if pruner is not None else None,
-            "rng": rng_state(),
-        },
-        tmp / "state.pt",
-    )
-    write_json_atomic(tmp / "trainer.json", trainer_state)
-    atomic_replace_dir(tmp, path)
+    with staged_dir(path) as tmp:
+        model.save_pretrained(tmp / "model")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "model")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "pruner": pruner.state_dict() if pruner is not None else None,
+                "rng": rng_state(),
+            },
+            tmp / "state.pt",
+        )
+        write_json_atomic(tmp / "trainer.json", trainer_state)
 
 
 def load_checkpoint(path: Path) -> tuple[Path, dict, dict]:

@@ -5,9 +5,11 @@ Standard library only, so the torch-free ONNX runtime can import it too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -37,6 +39,20 @@ def atomic_replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """An empty directory beside ``final`` to write into; it replaces ``final`` when the block succeeds.
+
+    After a failure ``final`` is untouched and the leftover is cleared by the next attempt.
+    """
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    atomic_replace_dir(tmp, final)
 
 
 def unwritable_reason(out: Path, tool: str) -> str | None:

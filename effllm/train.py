@@ -30,7 +30,7 @@ from . import distributed as D
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .configuration_effllm import EfficientLLMConfig
 from .convert import UnsupportedSourceError, from_pretrained
-from .fileio import atomic_replace_dir, write_atomic, write_json_atomic
+from .fileio import staged_dir, write_atomic, write_json_atomic
 from .modeling_effllm import EfficientLLMForCausalLM
 from .params import architecture_summary, count_parameters, format_count, parse_count
 from .recipe import TrainConfig
@@ -520,12 +520,9 @@ def train(cfg: TrainConfig) -> dict:
             data_info.train_path, data_info.heldout_path, data_info.dtype, data_info.vocab_size
         )
         model_dir = out / "model"
-        tmp = out / f".model.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_replace_dir(tmp, model_dir)
+        with staged_dir(model_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         phase_speed = {k: v[1] / v[0] for k, v in run_state["phase_time"].items() if v[0] > 0}
         result = {
             "source": plan.source,
