@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -13,6 +14,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from effllm import EfficientLLMConfig, EfficientLLMForCausalLM  # noqa: E402
 
 IRREGULAR = dict(num_attention_heads=[4, 0, 2, 6], num_key_value_heads=[2, 0, 1, 3], intermediate_size=[96, 0, 17, 64])
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny models run faster on one torch thread than on two contended ones (this machine has 2 cores
+    shared with other test processes; oversubscribed threads spin and slow every small op down ~5x).
+    The previous count comes back afterwards: later tests compare against other processes bitwise."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_per_module():
+    """one_torch_thread() for a whole test module: pytestmark = pytest.mark.usefixtures(...)."""
+    with one_torch_thread():
+        yield
 
 
 def tiny_config(**overrides) -> EfficientLLMConfig:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import IRREGULAR, tiny_model
+from conftest import IRREGULAR, one_torch_thread, tiny_model
 from tokenizers import Tokenizer
 
 SHAPES = {
@@ -39,18 +39,6 @@ CLI_MAX_SEQ_LEN = 128
 TRAIN_STEPS = 150
 
 _cache: dict[str, object] = {}
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Tiny models run faster on one torch thread than on two contended ones (this machine has 2 cores
-    shared with other test processes; oversubscribed threads spin and slow every small op down ~5x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def scratch_dir() -> Path:

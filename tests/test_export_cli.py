@@ -18,13 +18,9 @@ from effllm.export.verify import (
     VariantReport,
     verify_variant,
 )
-from export_helpers import SHAPES, cli_export_of_trained_model, one_torch_thread, random_model_dir
+from export_helpers import SHAPES, cli_export_of_trained_model, random_model_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 VARIANT_FILES = {

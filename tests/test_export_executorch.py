@@ -16,7 +16,6 @@ from export_helpers import (
     cli_export_of_trained_model,
     encode,
     heldout_windows,
-    one_torch_thread,
     random_model_dir,
     top1_and_ppl_change,
     torch_greedy,
@@ -26,11 +25,7 @@ from tokenizers import Tokenizer
 
 from effllm import EfficientLLMForCausalLM
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module", params=["uniform", "irregular", "odd"])

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 from effllm.export.onnx_export import export_onnx, kv_heads_per_cache_layer, past_input_names
-from effllm.export.verify import QUANTIZED_THRESHOLDS
+from effllm.export.verify import QUANTIZED_THRESHOLDS, genai_greedy
 from export_helpers import (
     MAX_SEQ_LEN,
     PROMPTS,
@@ -17,7 +17,6 @@ from export_helpers import (
     cli_export_of_trained_model,
     encode,
     heldout_windows,
-    one_torch_thread,
     random_model_dir,
     top1_and_ppl_change,
     torch_greedy,
@@ -26,11 +25,7 @@ from export_helpers import (
 
 from effllm import EfficientLLMForCausalLM
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 @pytest.fixture(scope="module", params=["uniform", "irregular", "odd"])
@@ -107,20 +102,11 @@ def test_onnxruntime_prefill_and_decode_match_torch(exported):
 
 
 def test_genai_greedy_tokens_equal_torch(exported):
-    import onnxruntime_genai as og
-
     model, model_dir, onnx_dir = exported
-    genai_model = og.Model(str(onnx_dir))
     new_tokens = 20
     for text in PROMPTS:
         prompt = encode(model_dir, text)
-        params = og.GeneratorParams(genai_model)
-        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-        generator = og.Generator(genai_model, params)
-        generator.append_tokens(prompt)
-        while not generator.is_done():
-            generator.generate_next_token()
-        got = [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+        got = genai_greedy(onnx_dir, prompt, new_tokens)
         expected = before_eos(torch_greedy(model, prompt, new_tokens), model.config.eos_token_id)
         assert got == expected, text
         assert len(got) > 0
@@ -129,7 +115,6 @@ def test_genai_greedy_tokens_equal_torch(exported):
 @pytest.mark.parametrize("method, op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
 def test_quantized_variant_within_thresholds(method, op, tokenizer, corpus):
     """The CLI's quantized directories: every matmul quantized, smaller, accurate enough, and runnable in genai."""
-    import onnxruntime_genai as og
 
     run = cli_export_of_trained_model(tokenizer, corpus)
     model_dir = trained_model_dir(tokenizer, corpus)
@@ -167,15 +152,7 @@ def test_quantized_variant_within_thresholds(method, op, tokenizer, corpus):
     with torch.no_grad():  # really quantized, not a copy of fp32
         assert np.abs(run_window(windows[0]) - model(torch.tensor([windows[0]])).logits[0].numpy()).max() > 1e-3
 
-    genai_model = og.Model(str(qdir))
-    params = og.GeneratorParams(genai_model)
-    prompt = encode(model_dir, PROMPTS[0])
-    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
-    generator = og.Generator(genai_model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    assert len(generator.get_sequence(0)) > len(prompt)
+    assert len(genai_greedy(qdir, encode(model_dir, PROMPTS[0]), 10)) > 0  # genai runs it too
 
 
 def test_large_model_path_external_data(tokenizer, tmp_path, monkeypatch):

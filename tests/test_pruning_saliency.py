@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import one_torch_thread, tiny_config
 from scipy.stats import spearmanr
 
 from effllm import EfficientLLMForCausalLM
@@ -25,9 +25,7 @@ STEPS, TRACK, BATCH, SEQ, MEASURE_BATCHES = 300, 120, 16, 64, 4
 
 @pytest.fixture(scope="module")
 def trained(corpus, tokenizer):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is as fast, and immune to a busy machine
-    try:
+    with one_torch_thread():  # tiny matrices: one thread is as fast, and immune to a busy machine
         ids = torch.tensor([t for text in corpus for t in tokenizer(text)["input_ids"] + [0]])
         torch.manual_seed(0)
         config = tiny_config(
@@ -55,8 +53,6 @@ def trained(corpus, tokenizer):
         model.eval()
         held_out = torch.stack([ids[i : i + SEQ + 1] for i in torch.randint(0, starts, (32,), generator=gen)])
         yield {"model": model, "pruner": pruner, "recent": recent, "held_out": held_out, "ids": ids}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _loss(model, batches: torch.Tensor) -> float:
@@ -91,9 +87,7 @@ def _zeroed(model, kind: str, layer: int, j: int):
 
 
 def test_saliency_predicts_the_loss_increase(trained):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         model, pruner = trained["model"], trained["pruner"]
         batches = torch.cat(trained["recent"][-MEASURE_BATCHES:])
         base = _loss(model, batches)
@@ -115,8 +109,6 @@ def test_saliency_predicts_the_loss_increase(trained):
             Pruner(pruned).remove_groups([("stem", None, c)])
             pairs["stem"].append((scores["stem"][c], _loss(pruned, batches) - base))
             keys["stem"].append(literal["stem"][c])
-    finally:
-        torch.set_num_threads(threads)
     rho = {kind: spearmanr(*zip(*p)).statistic for kind, p in pairs.items()}
     print(
         f"\nSpearman(saliency, loss increase of removing the group alone), base loss {base:.3f}: "

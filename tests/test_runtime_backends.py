@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IRREGULAR, tiny_model
+from conftest import IRREGULAR, one_torch_thread, tiny_model
 from effllm.export.executorch_export import export_executorch
 from effllm.export.onnx_export import export_onnx
 from effllm.export.quantize import quantize_onnx_dir
@@ -38,24 +38,21 @@ def run_dir(tokenizer, tmp_path_factory) -> Path:
     model = tiny_model(seed=0, tie_word_embeddings=False, **IRREGULAR)
     model.save_pretrained(run / "model")
     tokenizer.save_pretrained(run / "model")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         export_onnx(model, run / "export" / "onnx", MAX_SEQ_LEN, model_dir=run / "model")
         quantize_onnx_dir(run / "export" / "onnx", run / "export" / "onnx-int8", "int8")
         export_executorch(model, run / "export" / "executorch", MAX_SEQ_LEN, model_dir=run / "model")
-    finally:
-        torch.set_num_threads(threads)
     return run
 
 
 @pytest.fixture(scope="module")
 def generators(run_dir):
-    gens = {b: load_generator(run_dir / "export", backend=b, threads=1) for b in BACKENDS}
-    gens["executorch-runner"] = load_generator(run_dir / "export", backend="executorch-runner", threads=1)
-    yield gens
-    for g in gens.values():
-        g.close()
+    with one_torch_thread():  # the torch backend's threads=1 sets torch's global count; restore it after
+        gens = {b: load_generator(run_dir / "export", backend=b, threads=1) for b in BACKENDS}
+        gens["executorch-runner"] = load_generator(run_dir / "export", backend="executorch-runner", threads=1)
+        yield gens
+        for g in gens.values():
+            g.close()
 
 
 @torch.no_grad()
