@@ -1,7 +1,9 @@
 """EfficientLLM configuration: a Llama-family decoder whose layers may each have their own shapes.
 
 This file is copied into every saved model directory (see ``auto_map``), so it must depend on
-nothing but transformers: a machine without effllm loads the model with trust_remote_code.
+nothing but transformers: a machine without effllm loads the model with trust_remote_code. (Where
+effllm is installed, EfficientLLMConfigError is an ``effllm.errors.EffllmError``; elsewhere a
+ValueError.) It registers nothing: the Auto-class registration is at the end of modeling_effllm.py.
 
 Per-layer shapes follow transformers 5's heterogeneous-config convention: the global
 ``num_attention_heads`` / ``num_key_value_heads`` / ``intermediate_size`` are defaults and
@@ -12,15 +14,19 @@ uniform shapes. Use ``config.layer_shapes()`` or ``config.per_layer_config[i]`` 
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from transformers import PretrainedConfig
 
+try:
+    from effllm.errors import EffllmError
+except ImportError:  # the copy in a model directory, loaded with trust_remote_code where effllm is absent
+    EffllmError = ValueError  # transformers skips imports inside try blocks when it checks a copy's requirements
+
 PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
-class EfficientLLMConfigError(ValueError):
+class EfficientLLMConfigError(EffllmError):
     """A config that cannot describe a runnable model; the message says what to fix."""
 
 
@@ -135,10 +141,6 @@ class EfficientLLMConfig(PretrainedConfig):
         """Layers that have attention; the KV cache (and ONNX past/present) is indexed by position in this list."""
         return [i for i, (heads, _, _) in enumerate(self.layer_shapes()) if heads > 0]
 
-    @property
-    def is_irregular(self) -> bool:
-        return len(set(self.layer_shapes())) > 1
-
     def set_layer_shapes(self, shapes: list[tuple[int, int, int]]) -> None:
         """Replace every layer's shapes (used by pruning surgery); validates the result."""
         if len(shapes) != self.num_hidden_layers:
@@ -181,6 +183,3 @@ class EfficientLLMConfig(PretrainedConfig):
 
 
 __all__ = ["EfficientLLMConfig", "EfficientLLMConfigError"]
-
-if __name__ == "effllm.configuration_effllm":  # the installed package, not a copy loaded with trust_remote_code
-    importlib.import_module("effllm.modeling_effllm")  # registers both classes with the Auto classes

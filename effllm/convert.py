@@ -13,6 +13,7 @@ import os
 import torch
 
 from .configuration_effllm import EfficientLLMConfig
+from .errors import EffllmError, first_line
 from .modeling_effllm import EfficientLLMForCausalLM, EfficientLLMRotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ SUPPORTED_MODEL_TYPES = {
 }
 
 
-class UnsupportedSourceError(ValueError):
+class UnsupportedSourceError(EffllmError):
     """The source is not a model effllm can import; the message names what is supported."""
 
 
@@ -36,9 +37,8 @@ def load_source_config(source: str | os.PathLike):
     try:
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnsupportedSourceError(
-            f"cannot read a model config from {str(source)!r} ({first_line}); give a local model directory "
+            f"cannot read a model config from {str(source)!r} ({first_line(err)}); give a local model directory "
             f"or a Hugging Face hub id of a {'/'.join(sorted(set(SUPPORTED_MODEL_TYPES.values())))} checkpoint"
         ) from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:

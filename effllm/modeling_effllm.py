@@ -337,9 +337,12 @@ class EfficientLLMForCausalLM(EfficientLLMPreTrainedModel, GenerationMixin):
 
 __all__ = ["EfficientLLMForCausalLM", "EfficientLLMModel", "EfficientLLMPreTrainedModel"]
 
-if __name__ == "effllm.modeling_effllm":  # the installed package, not a copy loaded with trust_remote_code
-    # The Auto classes then know model_type "effllm" without trust_remote_code, and save_pretrained
-    # copies configuration_effllm.py / modeling_effllm.py into the directory with an auto_map.
+# The one place effllm registers with transformers' Auto classes, run when the installed module is
+# imported (``from effllm import EfficientLLMForCausalLM`` does it), never by the copy in a model
+# directory that trust_remote_code loads. AutoConfig / AutoModelForCausalLM (and AutoTokenizer, which
+# reads config.json first) then know model_type "effllm" without trust_remote_code, and
+# save_pretrained copies configuration_effllm.py / modeling_effllm.py into the directory with an auto_map.
+if __name__ == "effllm.modeling_effllm":
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoConfig.register(EfficientLLMConfig.model_type, EfficientLLMConfig, exist_ok=True)

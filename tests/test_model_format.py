@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from effllm import EfficientLLMConfig, EfficientLLMConfigError, EfficientLLMForCausalLM, convert
+from effllm.errors import EffllmError
 from effllm.params import architecture_summary, count_module_parameters, count_parameters
 
 COMMON = dict(
@@ -104,6 +105,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
     with pytest.raises(convert.UnsupportedSourceError, match="GPT2LMHeadModel; effllm imports only .*LlamaForCausalLM"):
         convert.from_pretrained(tmp_path)
+    assert issubclass(convert.UnsupportedSourceError, EffllmError)
     with pytest.raises(convert.UnsupportedSourceError, match="cannot read a model config"):
         convert.from_pretrained(tmp_path / "missing")
 
@@ -149,9 +151,27 @@ def test_left_padding_matches_unpadded():
     assert torch.equal(a[:, 6:], b[:, 9:])
 
 
+# A fresh interpreter must never stop at transformers' "Do you wish to run the custom code?" prompt.
+NO_PROMPT = """
+import builtins
+def _no_prompt(*args):
+    raise SystemExit("prompted for input: " + str(args)[:300])
+builtins.input = _no_prompt
+"""
+MODEL_TYPE_WARNING = "to instantiate a model of type"  # transformers' fallback after a refused prompt
+
+
+def _small_tokenizer():
+    from effllm.tokenizer import train_ascii_bpe
+
+    return train_ascii_bpe(["def f(x):\n    return x + 1\n", "The return statement leaves a function."] * 20, 300)
+
+
 def test_save_load_and_remote_code_without_effllm(tmp_path):
     model = tiny_model(**IRREGULAR, tie_word_embeddings=False)
     model.save_pretrained(tmp_path)
+    tokenizer = _small_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_effllm.EfficientLLMForCausalLM"
     assert saved["per_layer_config"]["2"] == {
@@ -165,8 +185,9 @@ def test_save_load_and_remote_code_without_effllm(tmp_path):
         again = EfficientLLMForCausalLM.from_pretrained(tmp_path).eval()(ids).logits
     assert torch.equal(ref, again)
     torch.save({"ids": ids, "ref": ref}, tmp_path / "ref.pt")
+    text = "def g(y):\n    return y"
     # A fresh interpreter where importing effllm fails, as on a machine without the package.
-    script = textwrap.dedent(f"""
+    script = NO_PROMPT + textwrap.dedent(f"""
         import sys, importlib.abc
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
@@ -175,7 +196,7 @@ def test_save_load_and_remote_code_without_effllm(tmp_path):
         sys.meta_path.insert(0, Block())
         import torch
         torch.set_num_threads({torch.get_num_threads()})  # bitwise equality needs the same reduction order
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
         try:
             import effllm
             raise SystemExit("effllm should not be importable here")
@@ -188,10 +209,17 @@ def test_save_load_and_remote_code_without_effllm(tmp_path):
             out = m(ref["ids"]).logits
         print("maxdiff", (out - ref["ref"]).abs().max().item())
         assert torch.equal(out, ref["ref"])
+        # The tokenizer, the two ways the model format documents for a machine without effllm.
+        for tok in (PreTrainedTokenizerFast.from_pretrained({str(tmp_path)!r}),
+                    AutoTokenizer.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)):
+            print("ids", tok({text!r})["input_ids"], tok.eos_token)
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "maxdiff 0.0" in run.stdout
+    expected = f"ids {tokenizer(text)['input_ids']} <|endoftext|>"
+    assert run.stdout.count(expected) == 2, (expected, run.stdout)
+    assert MODEL_TYPE_WARNING not in run.stderr, run.stderr[-3000:]
 
 
 def test_auto_classes_registered(tmp_path):
@@ -202,25 +230,44 @@ def test_auto_classes_registered(tmp_path):
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), EfficientLLMForCausalLM)
 
 
+# `import effllm` alone: no torch or transformers, no import hook, no logging change, no registration;
+# and the config module does not import the model module.
+IMPORT_EFFLLM_ALONE = """
+import logging
+hooks = list(sys.meta_path)
+levels = [logging.getLogger(name).level for name in ("torchao", "torch.utils._pytree")]
+import effllm
+assert list(sys.meta_path) == hooks, "import effllm changed sys.meta_path"
+assert levels == [logging.getLogger(name).level for name in effllm.NOISY_LOGGERS], "import effllm changed logging"
+assert not {"torch", "transformers"} & set(sys.modules), "import effllm imported torch or transformers"
+import effllm.configuration_effllm
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+assert "effllm.modeling_effllm" not in sys.modules, "the config module imports the model module"
+assert "effllm" not in CONFIG_MAPPING, "registered before the model classes were imported"
+"""
+
+
 @pytest.mark.parametrize("order", ["effllm first", "transformers first"])
-def test_import_effllm_registers_without_loading_torch_itself(tmp_path, order):
-    """`import effllm` is light (no torch) yet the Auto classes know effllm, whichever is imported first."""
+def test_importing_the_model_classes_registers_them(tmp_path, order):
+    """`import effllm` changes nothing in the process (no torch, no registration, no import hook, no
+    logging levels); importing the model classes registers them with the Auto classes, whichever of
+    effllm and transformers is imported first, so the directory (tokenizer included) loads without
+    trust_remote_code and without a prompt."""
     tiny_model(**IRREGULAR).save_pretrained(tmp_path)
-    imports = "import effllm" if order == "effllm first" else "import transformers; import effllm"
-    script = textwrap.dedent(f"""
-        import sys
-        {imports}
-        torch_loaded = "torch" in sys.modules
-        from transformers import AutoModelForCausalLM
+    tokenizer = _small_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    imports = IMPORT_EFFLLM_ALONE if order == "effllm first" else "import transformers\n"
+    script = NO_PROMPT + "import sys\n" + imports + textwrap.dedent(f"""
+        from effllm import EfficientLLMForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})
-        print(torch_loaded, type(m).__module__)
+        tok = AutoTokenizer.from_pretrained({str(tmp_path)!r})
+        print(type(m).__module__, tok("return x")["input_ids"])
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    torch_loaded, module = run.stdout.split()
-    assert module == "effllm.modeling_effllm"  # the installed class, not trust_remote_code's copy
-    if order == "effllm first":
-        assert torch_loaded == "False"
+    assert run.stdout.strip() == f"effllm.modeling_effllm {tokenizer('return x')['input_ids']}"
+    assert MODEL_TYPE_WARNING not in run.stderr, run.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -242,8 +289,9 @@ def test_import_effllm_registers_without_loading_torch_itself(tmp_path, order):
     ],
 )
 def test_invalid_configs(kwargs, message):
-    with pytest.raises(EfficientLLMConfigError, match=message):
+    with pytest.raises(EfficientLLMConfigError, match=message) as err:
         tiny_config(**kwargs)
+    assert isinstance(err.value, EffllmError)  # effllm's commands report it in one line, exit 2
 
 
 def test_global_per_layer_read_is_refused():
