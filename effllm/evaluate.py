@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import quiet_library_logs
+from .errors import EffllmError, first_line, run_cli
 from .fileio import write_atomic, write_json_atomic
 
 PAPER_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande", "mmlu"]
 DEFAULT_MODEL = Path("runs/quickstart/model")
 
 
-class EvalError(ValueError):
+class EvalError(EffllmError):
     """Bad input for effllm-eval: the message names the problem and the fix."""
 
 
@@ -89,8 +91,9 @@ def perplexity(model_dir: Path, data: list[str] | None, window: int | None, stri
                max_tokens: int | None, show_progress: bool) -> dict:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Both with trust_remote_code, as outside effllm: AutoTokenizer reads config.json (and its auto_map) too.
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     if data is None:
         heldout = model_dir.parent / "data" / "heldout.bin"
         if not heldout.is_file():
@@ -107,6 +110,7 @@ def perplexity(model_dir: Path, data: list[str] | None, window: int | None, stri
 def zero_shot(model_dir: Path, tasks: list[str], limit: int | None, batch_size: int, include_path: str | None) -> dict:
     try:
         import lm_eval
+        from huggingface_hub.errors import LocalEntryNotFoundError
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise EvalError("zero-shot tasks need lm-evaluation-harness: pip install 'effllm[eval]'") from None
@@ -114,17 +118,23 @@ def zero_shot(model_dir: Path, tasks: list[str], limit: int | None, batch_size: 
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise EvalError(f"unknown lm-eval task(s) {unknown}; see `lm-eval ls tasks` or give --include-path")
-    out = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={model_dir},trust_remote_code=True,dtype=float32",
-        tasks=tasks,
-        num_fewshot=0,
-        limit=limit,
-        batch_size=batch_size,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-        task_manager=manager,
-        log_samples=True,
-    )
+    try:
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={model_dir},trust_remote_code=True,dtype=float32",
+            tasks=tasks,
+            num_fewshot=0,
+            limit=limit,
+            batch_size=batch_size,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+            task_manager=manager,
+            log_samples=True,
+        )
+    except (ConnectionError, LocalEntryNotFoundError) as err:  # datasets' "Couldn't reach ... on the Hub"
+        raise EvalError(
+            f"the task datasets come from the Hugging Face Hub, which is not reachable ({first_line(err)}); "
+            "run once online to cache them, or give local task YAMLs with --include-path"
+        ) from None
     results = {
         task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         for task, metrics in out["results"].items()
@@ -175,22 +185,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_library_logs()
+    return run_cli("effllm-eval", lambda: evaluate(args))
+
+
+def evaluate(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
-    try:
-        if not (model_dir / "config.json").is_file():
-            hint = "run effllm-train first" if model_dir == DEFAULT_MODEL else "give a model directory"
-            raise EvalError(f"{model_dir} is not a model directory (no config.json); {hint}")
-        out = Path(args.out) if args.out else model_dir.parent / "eval"
-        report: dict = {"model": str(model_dir)}
-        if not args.no_perplexity:
-            report["perplexity"] = perplexity(model_dir, args.data, args.window, args.stride, args.max_tokens,
-                                              not args.quiet)  # fmt: skip
-        if args.tasks:
-            tasks = PAPER_TASKS if args.tasks == "paper" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-            report["zero_shot"] = zero_shot(model_dir, tasks, args.limit, args.batch_size, args.include_path)
-    except EvalError as err:
-        print(f"effllm-eval: error: {err}", file=sys.stderr)
-        return 2
+    if not (model_dir / "config.json").is_file():
+        hint = "run effllm-train first" if model_dir == DEFAULT_MODEL else "give a model directory"
+        raise EvalError(f"{model_dir} is not a model directory (no config.json); {hint}")
+    out = Path(args.out) if args.out else model_dir.parent / "eval"
+    report: dict = {"model": str(model_dir)}
+    if not args.no_perplexity:
+        report["perplexity"] = perplexity(model_dir, args.data, args.window, args.stride, args.max_tokens,
+                                          not args.quiet)  # fmt: skip
+    if args.tasks:
+        tasks = PAPER_TASKS if args.tasks == "paper" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        report["zero_shot"] = zero_shot(model_dir, tasks, args.limit, args.batch_size, args.include_path)
     write_json_atomic(out / "eval.json", report)
     markdown = to_markdown(report)
     write_atomic(out / "eval.md", markdown)

@@ -2,8 +2,8 @@
 
 Its vocabulary decodes to ASCII only: the initial alphabet is printable ASCII plus ByteLevel's
 space and newline symbols. ExecuTorch's TextLLMRunner streams each token through a Python
-callback that fails on a token that is not valid UTF-8 by itself (see DESIGN.md), which an
-ASCII vocabulary can never produce. Non-ASCII input still encodes, through the byte fallback
+callback that raises UnicodeDecodeError on a token that is not valid UTF-8 by itself (a byte-level
+piece of a multi-byte character), which an ASCII vocabulary can never produce. Non-ASCII input still encodes, through the byte fallback
 pieces that ByteLevel adds for unseen bytes.
 """
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,3 +108,24 @@ def test_lm_eval_harness_wiring(model_dir, tmp_path, tokenizer):
             lls.append(ll)
         correct += int(max(range(len(lls)), key=lls.__getitem__) == int(s["target"]))
     assert math.isclose(report["zero_shot"]["results"]["effllm_tiny_choice"]["acc,none"], correct / 6)
+
+
+def test_cli_offline_tasks_is_one_line_in_a_fresh_process(model_dir, tmp_path, corpus):
+    """A new user's effllm-eval without network: perplexity loads the directory as transformers would
+    (no custom-code prompt, no config fallback warning), then --tasks paper ends in one line, exit 2."""
+    pytest.importorskip("lm_eval")
+    text = tmp_path / "heldout.jsonl"
+    text.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in corpus[:2]))
+    # An empty HF cache and offline mode: the task datasets cannot come from anywhere.
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = [str(model_dir), "--data", str(text), "--window", "64", "--stride", "32", "--max-tokens", "200",
+            "--tasks", "paper", "--limit", "1", "--out", str(tmp_path / "report"), "--quiet"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "effllm.evaluate", *args], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("effllm-eval: error:")]
+    assert len(errors) == 1 and "Hugging Face Hub" in errors[0] and "--include-path" in errors[0], run.stderr
+    assert "allenai/ai2_arc" in errors[0]  # the first paper task's dataset, named
+    assert "custom code" not in run.stderr and "to instantiate a model of type" not in run.stderr, run.stderr
+    assert not (tmp_path / "report").exists()

@@ -114,7 +114,7 @@ def test_saliency_predicts_the_loss_increase(trained):
         f"\nSpearman(saliency, loss increase of removing the group alone), base loss {base:.3f}: "
         + ", ".join(f"{k} {v:.3f} (n={len(pairs[k])})" for k, v in rho.items())
     )
-    # for the record: METHOD.md's formula with the squared mini-batch term unscaled (fisher="minibatch")
+    # for the record: the literal Taylor formula, the squared mini-batch term unscaled (fisher="minibatch")
     rho_mb = {kind: spearmanr(keys[kind], [d for _, d in p]).statistic for kind, p in pairs.items()}
     print("  same run, fisher='minibatch': " + ", ".join(f"{k} {v:.3f}" for k, v in rho_mb.items()))
     for kind, value in rho.items():
