@@ -16,8 +16,34 @@ def _plt():
     return plt
 
 
+def count_label(value: float, _pos=None) -> str:
+    """An axis tick for a count: 0, 950, 200K, 1.2M, 3B (three significant digits at most)."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _count_ticks(axis) -> None:
+    """Count tick labels on a matplotlib axis: plain ScalarFormatter writes 800000 (labels that run
+    into each other) or an offset like 1e6 that is easy to miss."""
+    from matplotlib.ticker import FuncFormatter
+
+    axis.set_major_formatter(FuncFormatter(count_label))
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 def plot_params_by_type(metrics: list[dict], evals: list[dict], path: Path) -> None:
     """Parameters per group type vs tokens: the shape of the paper's Fig. A0 (right)."""
+    _save(params_by_type_figure(metrics, evals), path)
+
+
+def params_by_type_figure(metrics: list[dict], evals: list[dict]):
     plt = _plt()
     points = sorted([*evals, *metrics], key=lambda r: r["tokens"])
     tokens = [r["tokens"] for r in points]
@@ -37,13 +63,19 @@ def plot_params_by_type(metrics: list[dict], evals: list[dict], path: Path) -> N
     ax2.set_ylim(0, 1.05)
     ax2.set_title("retained ratio per group type")
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for axis in (ax.xaxis, ax.yaxis, ax2.xaxis):
+        _count_ticks(axis)
+    return fig
 
 
 def plot_architecture(config, path: Path) -> None:
     """Heads and FFN width per layer of the final model."""
+    _save(architecture_figure(config), path)
+
+
+def architecture_figure(config):
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     shapes = config.layer_shapes()
     layers = range(len(shapes))
@@ -58,12 +90,17 @@ def plot_architecture(config, path: Path) -> None:
     ax2.set_xlabel("layer")
     ax2.set_ylabel("FFN width")
     ax2.set_title(f"FFN width per layer (hidden size {config.hidden_size})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are 0, 1, 2..., never 0.5
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # and so are head counts and widths
+    return fig
 
 
 def plot_loss(metrics: list[dict], evals: list[dict], path: Path) -> None:
+    _save(loss_figure(metrics, evals), path)
+
+
+def loss_figure(metrics: list[dict], evals: list[dict]):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["tokens"] for r in metrics], [r["loss"] for r in metrics], label="train loss")
@@ -71,9 +108,8 @@ def plot_loss(metrics: list[dict], evals: list[dict], path: Path) -> None:
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _count_ticks(ax.xaxis)
+    return fig
 
 
 def write_report(
