@@ -150,7 +150,8 @@ def write_report(
         architecture_summary(config),
         "```",
         "",
-        "Files: [model/](model/) (load with transformers, trust_remote_code), [results.json](results.json), "
+        "Files: [model/](model/) (`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`; the "
+        "tokenizer alone: `PreTrainedTokenizerFast.from_pretrained(dir)`), [results.json](results.json), "
         "[metrics.jsonl](metrics.jsonl), [evals.jsonl](evals.jsonl), [prune_log.jsonl](prune_log.jsonl).",
         "",
     ]
