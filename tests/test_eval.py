@@ -128,4 +128,5 @@ def test_cli_offline_tasks_is_one_line_in_a_fresh_process(model_dir, tmp_path, c
     assert len(errors) == 1 and "Hugging Face Hub" in errors[0] and "--include-path" in errors[0], run.stderr
     assert "allenai/ai2_arc" in errors[0]  # the first paper task's dataset, named
     assert "custom code" not in run.stderr and "to instantiate a model of type" not in run.stderr, run.stderr
+    assert "torchao" not in run.stderr and "_pytree" not in run.stderr, run.stderr  # quieted at the entry point
     assert not (tmp_path / "report").exists()
