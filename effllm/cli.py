@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+from .errors import run_cli
 from .recipe import QUICKSTART_SOURCE, RecipeError, TrainConfig, add_arguments, build_config, recipe_names
 
 DESCRIPTION = """\
@@ -26,6 +27,7 @@ Under torchrun every rank makes the same pruning decisions (checked with --check
 EPILOG = """examples:
   effllm-train                                   # the quickstart
   effllm-train --recipe smollm-1.7b-to-469m      # the paper's setting (GPUs)
+  effllm-train --recipe smollm-1.7b-to-469m --dry-run --world-size 8   # the plan: memory, time; no training
   effllm-train --source HuggingFaceTB/SmolLM-360M --target-params 150M --data corpus/ --tokens 2B --out runs/x
   torchrun --nproc-per-node 8 -m effllm.cli --recipe smollm-1.7b-to-469m
   effllm-train --out runs/x --resume             # continue after a stop or a crash
@@ -43,6 +45,22 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--recipe", default="quickstart", help=f"a recipe name {recipe_names()} or a YAML path")
     add_arguments(p)
+    plan = p.add_argument_group("planning (--dry-run: print the plan and exit; nothing is trained or written)")
+    plan.add_argument(
+        "--dry-run", action="store_true",
+        help="print shapes, steps, tokens, the pruning schedule, memory per device (DDP and FSDP2) and time; "
+        "offline for the sources in effllm.known_sources",
+    )  # fmt: skip
+    plan.add_argument("--world-size", type=int, default=None,
+                      help="GPUs to plan for (default: WORLD_SIZE under torchrun, else 1)")  # fmt: skip
+    plan.add_argument("--assume-tokens-per-s", type=float, default=None,
+                      help="training throughput of all GPUs together, for the time estimate (default: from --mfu)")  # fmt: skip
+    plan.add_argument("--gpu-tflops", type=float, default=989.0,
+                      help="peak dense bf16 TFLOP/s of one GPU (default: 989, an H100 SXM)")  # fmt: skip
+    plan.add_argument("--mfu", type=float, default=0.35,
+                      help="model FLOP utilization assumed when no throughput is given (default: 0.35)")  # fmt: skip
+    plan.add_argument("--gpu-memory", type=float, default=80.0,
+                      help="GiB of memory per GPU, to say whether DDP or FSDP2 fits (default: 80)")  # fmt: skip
     return p
 
 
@@ -51,9 +69,15 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
     out = Path(args.out or TrainConfig.out)
     run = out / "run.json"
     if not run.is_file():
+        if out.is_dir() and not [p for p in out.iterdir() if p.name != "source"]:
+            # killed before the run was recorded (while the quickstart source trained): start it
+            print(f"{out} holds no run yet: starting it", flush=True)
+            return replace(build_config(args.recipe, args), resume=False)
         raise RecipeError(f"--resume: {out} holds no effllm run (no run.json); check --out")
     stored = TrainConfig(**json.loads(run.read_text())["config"])
-    changeable = {"quiet", "halt_at_step", "check_decisions", "save_every", "log_every", "eval_every"}
+    from .train import VOLATILE
+
+    changeable = {*VOLATILE, "eval_every"}
     for f in fields(TrainConfig):
         given = getattr(args, f.name, None)
         if given is None or f.name in ("resume", "out"):
@@ -66,15 +90,29 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
     return replace(stored, resume=True, overwrite=False)
 
 
+def quiet_import_noise() -> None:
+    """transformers imports torchao when it is installed; torchao logs warnings about its optional GPU
+    kernels, and torch about its Enum registrations, on every start. They are not about the run, and
+    they would bury the one-line error of a bad input."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_import_noise()
+    if args.dry_run:
+        return run_cli("effllm-train", lambda: dry_run(args))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar tracks the run; per-file load/save bars are noise
     from . import distributed as D
-    from .train import TrainError, train
 
-    try:
+    def body() -> int:
+        from .train import train
+
         cfg = resume_config(args) if args.resume else build_config(args.recipe, args)
         if cfg.source == QUICKSTART_SOURCE and not cfg.init_config and not cfg.resume:
             from .quickstart import build_quickstart_source
@@ -83,16 +121,28 @@ def train_main(argv: list[str] | None = None) -> int:
             check_out_dir(Path(cfg.out), cfg)  # before the source is trained, not after
 
             cfg = replace(cfg, source=str(build_quickstart_source(cfg)))
-        result = train(cfg)
-    except (RecipeError, TrainError) as err:
-        print(f"effllm-train: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("effllm-train: interrupted", file=sys.stderr)
-        return 130
+        return train(cfg).get("exit_code", 0)
+
+    try:
+        return run_cli("effllm-train", body)
     finally:
         D.shutdown_if_initialized()
-    return result.get("exit_code", 0)
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """--dry-run: the run's plan, printed; reads configs only (no weights, no data, no writes)."""
+    import os
+
+    from .plan import format_plan, make_plan
+
+    cfg = resume_config(args) if args.resume else build_config(args.recipe, args)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1:
+        raise RecipeError(f"--world-size {world} is not positive; pass the number of GPUs")
+    plan = make_plan(cfg, world_size=world, tokens_per_s=args.assume_tokens_per_s, gpu_tflops=args.gpu_tflops,
+                     mfu=args.mfu, gpu_memory_gib=args.gpu_memory)  # fmt: skip
+    print(format_plan(plan))
+    return 0
 
 
 def main() -> None:

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import EffllmError
+
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -33,7 +35,7 @@ PIECE_CHARS = 1 << 12
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 
 
-class DataError(ValueError):
+class DataError(EffllmError):
     """Bad data input; the message is one line naming the problem and the fix."""
 
 
@@ -55,7 +57,7 @@ def split_pieces(text: str, limit: int | None = None) -> Iterator[tuple[str, boo
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "corpus", "text", "jsonl", "parquet", "hub", "disk"
+    kind: str  # "corpus", "text", "jsonl", "parquet", "hub", "disk", "tokens" (shards of prepare_tokens)
     name: str  # a path, or a dataset id
     config: str | None = None
 
@@ -78,6 +80,14 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (
         (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
     )
+
+
+def _is_token_dir(path: Path) -> bool:
+    """A directory of token shards written by data.prepare_tokens (its meta.json lists them)."""
+    try:
+        return "shards" in json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _walk(root: Path, exclude: Path | None) -> list[Path]:
@@ -119,6 +129,9 @@ def resolve_sources(data, text_field: str = "text", exclude: str | os.PathLike |
             if _is_saved_dataset(path):
                 sources.append(Source("disk", str(path.resolve())))
                 continue
+            if _is_token_dir(path):
+                sources.append(Source("tokens", str(path.resolve())))
+                continue
             files = _walk(path, excluded)
             if not files:
                 raise DataError(
@@ -157,11 +170,19 @@ def _check_parquet(path: str, field: str) -> None:
         raise _missing_field(f"Parquet file '{path}'", field, names)
 
 
-def _record_text(value, where: str, field: str) -> str:
+def _record_text(value, where: str, field: str) -> str | list[int]:
+    """The text of one record, or its token ids when the field holds a list of integers (``input_ids``)."""
     if value is None:
         return ""
+    if hasattr(value, "tolist") and not isinstance(value, str):  # numpy / arrow arrays
+        value = value.tolist()
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return value
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}' is {type(value).__name__}, not text: pass a text_field holding text")
+        raise DataError(
+            f"{where}: field '{field}' is {type(value).__name__}, not text or token ids: "
+            "pass a text_field holding text (or a list of token ids)"
+        )
     return value
 
 
@@ -293,7 +314,10 @@ def iter_pieces(source: Source, text_field: str = "text", split: str = "train") 
     else:
         texts = _hub_dataset(source, text_field, split)
     for text in texts:
-        if text.strip():
+        if isinstance(text, list):  # pre-tokenized: one row is one document
+            if text:
+                yield text, True
+        elif text.strip():
             yield from split_pieces(text)
 
 
@@ -311,7 +335,7 @@ def fingerprint(sources: list[Source], text_field: str, split: str) -> str:
 
             for doc in python_docs_corpus():
                 h.update(doc.encode("utf-8", "replace") + b"\0")
-        elif source.kind == "disk":
+        elif source.kind in ("disk", "tokens"):
             for f in sorted(Path(source.name).rglob("*")):
                 if f.is_file():
                     st = f.stat()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import EffllmError
+
 RECIPE_DIR = Path(__file__).parent / "recipes"
 QUICKSTART_SOURCE = "builtin:quickstart"  # "pretrain a small source on the embedded corpus first"
 
@@ -44,7 +46,15 @@ class TrainConfig:
     text_field: str = _f("text", "field/column holding the text in JSONL, Parquet and hub datasets")
     data_split: str = _f("train", "split of a Hugging Face dataset")
     max_data_tokens: int | None = _f(None, "cap on tokens read from the data (needed for huge hub datasets)")
-    heldout_fraction: float = _f(0.02, "fraction of documents held out for evaluation")
+    heldout_fraction: float = _f(
+        0.02, "fraction of documents held out for evaluation (of a single text file: its last part)"
+    )
+    num_proc: int = _f(1, "processes that tokenize the data (the token shards are identical for any number)")
+    shard_chars: int = _f(
+        16 << 20,
+        "characters of text per token shard (~4 per token): the unit of parallel tokenization and of its resume",
+        parse="count",
+    )
     out: str = _f("runs/quickstart", "output directory (model/, checkpoint/, logs, plots, summary.md)")
     # how long
     tokens: int = _f(800_000, "total training tokens (all ranks together), pruning phase included", parse="count")
@@ -103,14 +113,20 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-class RecipeError(ValueError):
+class RecipeError(EffllmError):
     """A recipe or flag that cannot be used; the message says how to fix it."""
 
 
+def recipe_path(name_or_path: str) -> Path:
+    """A shipped recipe's name (``smollm-1.7b-to-469m``: dots are part of names, not suffixes) or a YAML path."""
+    shipped = RECIPE_DIR / f"{name_or_path}.yaml"
+    if name_or_path in recipe_names():
+        return shipped
+    return Path(name_or_path)
+
+
 def load_recipe(name_or_path: str) -> dict:
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    path = recipe_path(name_or_path)
     if not path.is_file():
         raise RecipeError(f"no recipe {name_or_path!r}; use one of {recipe_names()} or a path to a YAML file")
     try:
@@ -162,7 +178,7 @@ def build_config(recipe: str, args: argparse.Namespace) -> TrainConfig:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
-    for key in ("tokens", "prune_start", "prune_tokens", "source_tokens"):
+    for key in [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("parse") == "count"]:
         if isinstance(values.get(key), str):
             values[key] = _parse_count(values[key])
     if isinstance(values.get("data"), str):

@@ -1,7 +1,9 @@
 """The training loop: pruning-aware pretraining, then continued pretraining of the compact model.
 
-One loop serves every run: with a target size it prunes along the linear budget of METHOD.md
-(saliency EMAs updated from the same backward pass that trains the model), without one it is
+One loop serves every run: with a target size it prunes along a parameter budget that falls from
+the source size to the target over the pruning phase (saliency moving averages are updated from
+the same backward pass that trains the model, and after every prune step the least salient groups
+per parameter are removed until the model fits the budget); without a target it is
 plain pretraining (the quickstart's source, the from-scratch baselines). It runs on one CPU, one
 GPU or under torchrun (DDP); every rank computes the same saliency from all-reduced gradients and
 so makes the same decisions. Checkpoints make a resumed run bitwise equal to an uninterrupted one
@@ -30,17 +32,22 @@ from . import distributed as D
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .configuration_effllm import EfficientLLMConfig
 from .convert import UnsupportedSourceError, from_pretrained
+from .errors import EffllmError
 from .fileio import staged_dir, write_atomic, write_json_atomic
 from .modeling_effllm import EfficientLLMForCausalLM
 from .params import architecture_summary, count_parameters, format_count, parse_count
 from .recipe import TrainConfig
 
 
-class TrainError(ValueError):
+class TrainError(EffllmError):
     """Bad input for a training run: one line naming the problem and the fix (the CLI exits 2)."""
 
 
 RUN_MARKER = "run.json"
+# Settings that do not change what a run computes (bookkeeping, and how the data is tokenized):
+# --resume may change them, and they are not part of the run's fingerprint.
+VOLATILE = ("resume", "overwrite", "quiet", "halt_at_step", "check_decisions", "save_every", "log_every", "num_proc",
+            "shard_chars")  # fmt: skip
 
 
 # ---- learning rate ----------------------------------------------------------------------------
@@ -110,16 +117,16 @@ class Plan:
 def run_fingerprint(cfg: TrainConfig) -> str:
     """What makes two invocations 'the same run' (so --resume and re-runs can be told from a new run)."""
     keys = asdict(cfg)
-    for volatile in ("resume", "overwrite", "quiet", "halt_at_step", "check_decisions", "save_every", "log_every"):
+    for volatile in VOLATILE:
         keys.pop(volatile, None)
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_out_dir(out: Path, cfg: TrainConfig) -> None:
     """Refuse to mix two runs in one directory unless the user says --resume or --overwrite."""
-    if cfg.resume:
-        if not (out / "checkpoint" / "trainer.json").is_file():
-            raise TrainError(f"--resume: no checkpoint in {out / 'checkpoint'}; run without --resume to start")
+    if cfg.resume:  # a run killed before its first checkpoint has run.json only: it starts again at step 0
+        if not (out / RUN_MARKER).is_file():
+            raise TrainError(f"--resume: {out} holds no effllm run (no {RUN_MARKER}); check --out")
         return
     # The quickstart's cached source lives in <out>/source and is not a run of its own.
     if not out.exists() or not [p for p in out.iterdir() if p.name != "source"] or cfg.overwrite:
@@ -253,7 +260,10 @@ def train(cfg: TrainConfig) -> dict:
 
     # 1. model, tokenizer, plan (all validation before anything is written)
     resume_state = None
-    if cfg.resume:
+    has_checkpoint = (out / "checkpoint" / "trainer.json").is_file()
+    if cfg.resume and not has_checkpoint and info.is_main:
+        print(f"no checkpoint in {out} yet: starting at step 0 (finished token shards are reused)", flush=True)
+    if cfg.resume and has_checkpoint:
         try:
             model_dir, tensors, trainer_state = load_checkpoint(out / "checkpoint")
         except CheckpointError as err:
@@ -311,28 +321,30 @@ def train(cfg: TrainConfig) -> dict:
             f"resume with the same batch size, sequence length, accumulation and number of processes"
         )
 
-    # 2. data (rank 0 tokenizes; the others wait and read the same files)
+    # 2. data (rank 0 tokenizes; the others wait and read the same files). run.json is written
+    # first, so that a run killed while it tokenizes continues with --resume; bad data removes it.
     data_dir = out / "data"
+    marker = out / RUN_MARKER
+    run_record = {"fingerprint": run_fingerprint(cfg), "config": asdict(cfg), "plan": asdict(plan)}
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    early_marker = info.is_main and not marker.exists()
+    if early_marker:
+        write_json_atomic(marker, run_record)
+    data_args = dict(heldout_fraction=cfg.heldout_fraction, max_tokens=cfg.max_data_tokens, text_field=cfg.text_field,
+                     split=cfg.data_split, num_proc=cfg.num_proc, shard_chars=cfg.shard_chars)  # fmt: skip
     try:
         if info.is_main:
-            data_info = prepare_tokens(
-                cfg.data,
-                tokenizer,
-                data_dir,
-                heldout_fraction=cfg.heldout_fraction,
-                max_tokens=cfg.max_data_tokens,
-                text_field=cfg.text_field,
-                split=cfg.data_split,
-                show_progress=not cfg.quiet,
-            )
+            data_info = prepare_tokens(cfg.data, tokenizer, data_dir, show_progress=not cfg.quiet, **data_args)
         D.barrier(info)
         if not info.is_main:
-            data_info = prepare_tokens(
-                cfg.data, tokenizer, data_dir, heldout_fraction=cfg.heldout_fraction,
-                max_tokens=cfg.max_data_tokens, text_field=cfg.text_field, split=cfg.data_split, show_progress=False,
-            )  # fmt: skip
-    except DataError as err:
-        raise TrainError(str(err)) from None
+            data_info = prepare_tokens(cfg.data, tokenizer, data_dir, show_progress=False, **data_args)
+    except DataError:
+        if early_marker:  # bad input leaves the directory as it was
+            marker.unlink(missing_ok=True)
+            for path in created:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+        raise
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite and not cfg.resume:  # only now that every input has been checked
@@ -342,9 +354,7 @@ def train(cfg: TrainConfig) -> dict:
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
-        write_json_atomic(
-            out / RUN_MARKER, {"fingerprint": run_fingerprint(cfg), "config": asdict(cfg), "plan": asdict(plan)}
-        )
+        write_json_atomic(marker, run_record)
 
     # 3. training state
     device = info.device
@@ -381,6 +391,9 @@ def train(cfg: TrainConfig) -> dict:
         run_state = trainer_state["run_state"]
         for log in (metrics, prune_log, evals):
             log.truncate_after(step)
+    elif cfg.resume:  # killed before its first checkpoint: records of that attempt are dropped
+        for log in (metrics, prune_log, evals):
+            log.truncate_after(-1)
 
     def make_net():
         net = model

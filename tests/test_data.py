@@ -34,6 +34,11 @@ def write_mixed_dir(root):
     (root / "empty.txt").write_text("  \n")  # blank: no document
 
 
+def read_all(paths, dtype):
+    """The token stream of a list of shards, concatenated."""
+    return np.concatenate([np.fromfile(p, dtype=dtype) for p in paths])
+
+
 def split_docs(tokens, eos):
     assert tokens[-1] == eos, "every document ends with eos"
     cuts = np.flatnonzero(tokens == eos)
@@ -50,8 +55,8 @@ def test_directory_round_trip_and_heldout_split(tmp_path, tokenizer):
         str(tmp_path / "src"), tokenizer, tmp_path / "out", heldout_fraction=0.25, show_progress=False
     )
     assert info.dtype == "uint16" and info.vocab_size == len(tokenizer) == 512
-    train = np.fromfile(info.train_path, dtype=np.uint16)
-    held = np.fromfile(info.heldout_path, dtype=np.uint16)
+    train = read_all(info.train_paths, np.uint16)
+    held = read_all(info.heldout_paths, np.uint16)
     assert (len(train), len(held)) == (info.train_tokens, info.heldout_tokens)
     eos = tokenizer.eos_token_id
     train_docs = [decode(tokenizer, d) for d in split_docs(train, eos)]
@@ -62,12 +67,16 @@ def test_directory_round_trip_and_heldout_split(tmp_path, tokenizer):
     meta = json.loads(info.meta_path.read_text())
     assert meta["train_documents"] == 9 and meta["heldout_documents"] == 3 and meta["eos_token_id"] == eos
     assert len(meta["sources"]) == 5  # the blank .txt is a source that yields no document
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["heldout.bin", "meta.json", "train.bin"]
+    shard_dir = f"tokens-{info.fingerprint}"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", shard_dir]
+    assert sorted(p.name for p in (tmp_path / "out" / shard_dir).iterdir()) == [
+        "heldout-00000.bin", "meta.json", "train-00000.bin"
+    ]
 
     # deterministic: a second preparation elsewhere writes the same bytes
     again = prepare_tokens([str(tmp_path / "src")], tokenizer, tmp_path / "out2", 0.25, show_progress=False)
-    assert again.train_path.read_bytes() == info.train_path.read_bytes()
-    assert again.heldout_path.read_bytes() == info.heldout_path.read_bytes()
+    assert [p.read_bytes() for p in again.train_paths] == [p.read_bytes() for p in info.train_paths]
+    assert [p.read_bytes() for p in again.heldout_paths] == [p.read_bytes() for p in info.heldout_paths]
 
 
 def test_uint32_for_large_vocab(tmp_path):
@@ -81,14 +90,14 @@ def test_uint32_for_large_vocab(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"text": "w1 w65537 w69999"}, {"text": "w65535 w65536"}])
     info = prepare_tokens(str(tmp_path / "d.jsonl"), tok, tmp_path / "out", heldout_fraction=0.5, show_progress=False)
     assert info.dtype == "uint32" and info.vocab_size == 70000
-    assert np.fromfile(info.train_path, np.uint32).tolist() == [1, 65537, 69999, 0]  # would wrap in uint16
-    assert np.fromfile(info.heldout_path, np.uint32).tolist() == [65535, 65536, 0]
+    assert read_all(info.train_paths, np.uint32).tolist() == [1, 65537, 69999, 0]  # would wrap in uint16
+    assert read_all(info.heldout_paths, np.uint32).tolist() == [65535, 65536, 0]
 
 
 def test_reuse_does_not_rewrite(tmp_path, tokenizer, capsys):
     write_mixed_dir(tmp_path / "src")
     first = prepare_tokens(str(tmp_path / "src"), tokenizer, tmp_path / "out", 0.25, show_progress=False)
-    files = [first.train_path, first.heldout_path, first.meta_path]
+    files = [*first.train_paths, *first.heldout_paths, first.meta_path]
     stamps = [p.stat().st_mtime_ns for p in files]
     capsys.readouterr()
     second = prepare_tokens(str(tmp_path / "src"), tokenizer, tmp_path / "out", 0.25, show_progress=True)
@@ -137,12 +146,12 @@ def test_bad_input_raises_one_line_and_writes_nothing(tmp_path, tokenizer, case)
 def test_failure_leaves_existing_data_untouched(tmp_path, tokenizer):
     write_mixed_dir(tmp_path / "src")
     info = prepare_tokens(str(tmp_path / "src"), tokenizer, tmp_path / "out", 0.25, show_progress=False)
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()}
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*") if p.is_file()}
     write_jsonl(tmp_path / "two.jsonl", [{"text": "one"}, {"text": "two"}])
     with pytest.raises(DataError, match="held-out"):  # fails after tokenizing
         prepare_tokens(str(tmp_path / "two.jsonl"), tokenizer, tmp_path / "out", 0.02, show_progress=False)
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()} == before
-    assert info.train_path.exists()
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    assert all(p.exists() for p in info.train_paths)
 
 
 def test_hugging_face_dataset_paths(tmp_path, tokenizer):
@@ -154,7 +163,7 @@ def test_hugging_face_dataset_paths(tmp_path, tokenizer):
     write_jsonl(repo / "test.jsonl", [{"text": d.upper()} for d in DOCS[:4]])
     info = prepare_tokens(f"hf:{repo}", tokenizer, tmp_path / "t", 0.5, split="test", show_progress=False)
     eos = tokenizer.eos_token_id
-    assert [decode(tokenizer, d) for d in split_docs(np.fromfile(info.heldout_path, np.uint16), eos)] == [
+    assert [decode(tokenizer, d) for d in split_docs(read_all(info.heldout_paths, np.uint16), eos)] == [
         DOCS[1].upper(),
         DOCS[3].upper(),
     ]
@@ -171,7 +180,7 @@ def test_hugging_face_dataset_paths(tmp_path, tokenizer):
     saved = tmp_path / "saved"  # a DatasetDict.save_to_disk directory is read with load_from_disk
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS[:4]})}).save_to_disk(str(saved))
     info = prepare_tokens(str(saved), tokenizer, tmp_path / "s", 0.5, show_progress=False)
-    assert [decode(tokenizer, d) for d in split_docs(np.fromfile(info.train_path, np.uint16), eos)] == [
+    assert [decode(tokenizer, d) for d in split_docs(read_all(info.train_paths, np.uint16), eos)] == [
         DOCS[0],
         DOCS[2],
     ]
@@ -274,6 +283,175 @@ def test_long_documents_are_encoded_in_pieces(tmp_path, tokenizer, monkeypatch):
     write_jsonl(tmp_path / "src" / "b.jsonl", [{"text": long_text.upper()}, {"text": "short"}])
     info = prepare_tokens(str(tmp_path / "src"), tokenizer, tmp_path / "out", heldout_fraction=0.5, show_progress=False)
     eos = tokenizer.eos_token_id
-    train = [decode(tokenizer, d) for d in split_docs(np.fromfile(info.train_path, np.uint16), eos)]
-    held = [decode(tokenizer, d) for d in split_docs(np.fromfile(info.heldout_path, np.uint16), eos)]
+    train = [decode(tokenizer, d) for d in split_docs(read_all(info.train_paths, np.uint16), eos)]
+    held = [decode(tokenizer, d) for d in split_docs(read_all(info.heldout_paths, np.uint16), eos)]
     assert (train, held) == ([long_text, "short"], [long_text.upper()])  # one eos per document, not per piece
+
+
+# ---- data at scale: parallel, sharded, streamed, pre-tokenized, resumable -------------------------
+def many_docs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "alpha beta gamma delta tokens shard stream python module function return value".split()
+    return [f"Doc {i}: " + " ".join(rng.choice(words, size=int(rng.integers(5, 80)))) + "\n" for i in range(n)]
+
+
+def test_parallel_tokenization_writes_identical_shards(tmp_path, tokenizer):
+    docs = many_docs(300)
+    write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
+    one = prepare_tokens(str(tmp_path / "d.jsonl"), tokenizer, tmp_path / "one", 0.1, show_progress=False,
+                         shard_chars=4000)  # fmt: skip
+    two = prepare_tokens(str(tmp_path / "d.jsonl"), tokenizer, tmp_path / "two", 0.1, show_progress=False,
+                         shard_chars=4000, num_proc=2)  # fmt: skip
+    assert len(one.train_paths) > 5, "many shards, not one file"
+    assert [p.name for p in one.train_paths] == [p.name for p in two.train_paths]
+    assert [p.read_bytes() for p in one.train_paths + one.heldout_paths] == [
+        p.read_bytes() for p in two.train_paths + two.heldout_paths
+    ]
+    # the token stream does not depend on the shard size either, and matches the tokenizer's own output
+    whole = prepare_tokens(str(tmp_path / "d.jsonl"), tokenizer, tmp_path / "whole", 0.1, show_progress=False)
+    assert len(whole.train_paths) == 1
+    assert np.array_equal(read_all(whole.train_paths, np.uint16), read_all(two.train_paths, np.uint16))
+    eos = tokenizer.eos_token_id
+    expect = [tokenizer(d, add_special_tokens=False)["input_ids"] + [eos] for i, d in enumerate(docs) if (i + 1) % 10]
+    assert read_all(two.train_paths, np.uint16).tolist() == [t for ids in expect for t in ids]
+    # a token cap reached while later chunks are already tokenized in parallel: the same as one process
+    cap = two.train_tokens // 2
+    c1 = prepare_tokens(str(tmp_path / "d.jsonl"), tokenizer, tmp_path / "c1", 0.1, cap, show_progress=False,
+                        shard_chars=4000)  # fmt: skip
+    c2 = prepare_tokens(str(tmp_path / "d.jsonl"), tokenizer, tmp_path / "c2", 0.1, cap, show_progress=False,
+                        shard_chars=4000, num_proc=2)  # fmt: skip
+    assert [p.read_bytes() for p in c1.train_paths] == [p.read_bytes() for p in c2.train_paths]
+    assert cap <= c2.train_tokens + c2.heldout_tokens < cap + 300  # stops at the end of the document at the cap
+    assert sorted(p.name for p in c2.train_paths[0].parent.glob("train-*")) == [p.name for p in c2.train_paths]
+
+
+def test_batches_do_not_depend_on_sharding(tmp_path):
+    path = synthetic(tmp_path, 10 * 8 + 3)
+    tokens = np.fromfile(path, np.uint32)
+    cuts = [0, 7, 7, 30, 31, 64, len(tokens)]  # an empty shard, windows across shard ends
+    shards = []
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        shards.append(tmp_path / f"s{i}.bin")
+        tokens[a:b].tofile(shards[-1])
+    one = TokenBatches(path, "uint32", seq_len=8, batch_size=3, seed=4)
+    many = TokenBatches(shards, "uint32", seq_len=8, batch_size=3, seed=4)
+    assert one.n_windows == many.n_windows == 10
+    for _ in range(9):
+        assert torch.equal(one.next_batch(), many.next_batch())
+    assert [torch.equal(a, b) for a, b in zip(evaluate_batches(path, "uint32", 8), evaluate_batches(shards, "uint32", 8))]
+    assert unigram_perplexity(path, shards, "uint32", 90) == unigram_perplexity(path, path, "uint32", 90)
+
+
+def test_one_text_file_is_held_out_from_its_end(tmp_path, tokenizer, capsys):
+    text = "".join(f"Line {i}: some text of the only file.\n" for i in range(400))
+    (tmp_path / "corpus.txt").write_text(text)
+    info = prepare_tokens(str(tmp_path / "corpus.txt"), tokenizer, tmp_path / "out", 0.05, show_progress=False)
+    out = capsys.readouterr().out
+    assert "one text file: holding out its last" in out and "(5.0%)" in out
+    eos = tokenizer.eos_token_id
+    train = decode(tokenizer, split_docs(read_all(info.train_paths, np.uint16), eos)[0])
+    held = decode(tokenizer, split_docs(read_all(info.heldout_paths, np.uint16), eos)[0])
+    assert train + held == text and held.startswith("Line ") and 0.04 < len(held) / len(text) < 0.06
+
+
+def test_pre_tokenized_input(tmp_path, tokenizer):
+    docs = many_docs(40)
+    ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": x} for x in ids])
+    pq.write_table(pa.table({"input_ids": ids}), tmp_path / "ids.parquet")
+    write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in docs])
+    from_text = prepare_tokens(str(tmp_path / "text.jsonl"), tokenizer, tmp_path / "t", 0.25, show_progress=False)
+    for name in ("ids.jsonl", "ids.parquet"):
+        info = prepare_tokens(str(tmp_path / name), tokenizer, tmp_path / name.replace(".", "_"), 0.25,
+                              text_field="input_ids", show_progress=False)  # fmt: skip
+        assert np.array_equal(read_all(info.train_paths, np.uint16), read_all(from_text.train_paths, np.uint16))
+        assert np.array_equal(read_all(info.heldout_paths, np.uint16), read_all(from_text.heldout_paths, np.uint16))
+    # a directory of shards is used in place, by any number of readers, with no tokenizing
+    for where in (tmp_path / "t", from_text.train_paths[0].parent):
+        again = prepare_tokens(str(where), tokenizer, tmp_path / "unused", show_progress=False)
+        assert again.reused and again.train_paths == from_text.train_paths and not (tmp_path / "unused").exists()
+    from effllm.tokenizer import train_ascii_bpe
+
+    other = train_ascii_bpe(docs, vocab_size=300)
+    with pytest.raises(DataError, match="another tokenizer"):
+        prepare_tokens(str(tmp_path / "t"), other, tmp_path / "o", show_progress=False)
+    write_jsonl(tmp_path / "bad.jsonl", [{"input_ids": [1, 2, 99999]}, {"input_ids": [3]}])
+    with pytest.raises(DataError, match="token id 99999"):
+        prepare_tokens(str(tmp_path / "bad.jsonl"), tokenizer, tmp_path / "b", 0.5, text_field="input_ids",
+                       show_progress=False)  # fmt: skip
+    assert not (tmp_path / "b").exists()
+
+
+MEMORY_PEAKS = """
+import json, sys, tracemalloc
+from transformers import PreTrainedTokenizerFast
+from effllm.data import prepare_tokens
+tok = PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
+peaks = []
+for path in sys.argv[2:]:
+    tracemalloc.start()
+    prepare_tokens(path, tok, path + ".out", 0.1, show_progress=False, shard_chars=20_000)
+    peaks.append(tracemalloc.get_traced_memory()[1])
+    tracemalloc.stop()
+print(json.dumps(peaks))
+"""
+
+
+def test_memory_stays_flat_for_a_larger_corpus(tmp_path, tokenizer):
+    """Streamed: the peak of Python allocations does not grow with the corpus (4x here). Measured in a
+    fresh process, so that nothing left by other tests counts."""
+    import subprocess
+    import sys
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    paths = []
+    for n in (1, 4):
+        paths.append(tmp_path / f"c{n}.jsonl")
+        with paths[-1].open("w") as f:
+            for k in range(n):
+                f.writelines(json.dumps({"text": d}) + "\n" for d in many_docs(800, seed=k))
+    assert paths[1].stat().st_size > 3.9 * paths[0].stat().st_size > 500_000
+    r = subprocess.run([sys.executable, "-c", MEMORY_PEAKS, str(tmp_path / "tok"), *map(str, paths)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    peaks = json.loads(r.stdout.strip().splitlines()[-1])
+    assert peaks[1] < 1.3 * peaks[0] and peaks[1] < paths[1].stat().st_size / 2, peaks
+
+
+KILLED_PREP = """
+import sys
+from transformers import PreTrainedTokenizerFast
+from effllm.data import prepare_tokens
+tok = PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
+prepare_tokens(sys.argv[2], tok, sys.argv[3], 0.1, shard_chars=20_000, show_progress=False)
+"""
+
+
+def test_sigkill_during_tokenization_then_resume(tmp_path, tokenizer):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with (tmp_path / "big.jsonl").open("w") as f:
+        for k in range(10):
+            f.writelines(json.dumps({"text": d}) + "\n" for d in many_docs(1000, seed=k))
+    args = [str(tmp_path / "tok"), str(tmp_path / "big.jsonl"), str(tmp_path / "out")]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PREP, *args])
+    deadline = time.time() + 120
+    while len(list((tmp_path / "out").glob("tokens-*/0*.json"))) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = sorted((tmp_path / "out").glob("tokens-*/0*.json"))
+    assert len(finished) >= 3 and not (tmp_path / "out" / "meta.json").exists(), "killed before the end"
+    kept = {p: p.stat().st_mtime_ns for p in finished[0].parent.glob("train-*.bin") if p.with_name(
+        p.name.replace("train-", "").replace(".bin", ".json")).exists()}  # fmt: skip
+    resumed = prepare_tokens(args[1], tokenizer, args[2], 0.1, shard_chars=20_000, show_progress=False)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items()), "finished shards are reused, not redone"
+    fresh = prepare_tokens(args[1], tokenizer, tmp_path / "fresh", 0.1, shard_chars=20_000, show_progress=False)
+    assert [p.read_bytes() for p in resumed.train_paths + resumed.heldout_paths] == [
+        p.read_bytes() for p in fresh.train_paths + fresh.heldout_paths
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", resumed.train_paths[0].parent.name]

@@ -1,0 +1,287 @@
+"""The plan of a training run, before it starts: shapes, steps, the budget, memory per device, time.
+
+``effllm-train ... --dry-run`` prints ``format_plan(make_plan(cfg, ...))``. It reads configs only
+(no weights, no data): the source's shapes come from effllm.known_sources for well-known
+checkpoints (offline), from config.json for a local directory, from the quickstart settings for
+the embedded source, or from the hub (network) for any other id.
+
+Memory per device: the estimates below are for the peak, at the source size (pruning only
+shrinks the model), with effllm's training setup: fp32 master weights, bf16 autocast on GPUs,
+AdamW, one micro-batch of ``batch_size`` x ``seq_len`` tokens. ``P`` is the parameter count,
+``L`` the layers, ``h`` the hidden size, ``q = heads * head_dim``, ``k = kv_heads * head_dim``,
+``f`` the FFN width, ``V`` the vocabulary, ``T = batch_size * seq_len`` the tokens of a
+micro-batch, ``W`` the world size.
+
+* weights ``4P``; gradients ``4P``; AdamW ``8P`` (two fp32 moments).
+* DDP gradient buckets ``4P`` (DDP copies gradients into flat buckets for the all-reduce).
+* saliency state: two fp32 moving averages per group (KV groups, FFN channels, hidden channels),
+  ``8 * (sum_layers(kv_heads + f) + h + L)``, plus a transient fp32 product of the largest
+  weight matrix and its square, ``8 * max_matrix``.
+* activations per token and layer, bytes, as autograd saves them under bf16 autocast with a
+  fused (flash / memory-efficient) attention kernel: fp32 inputs of the two RMSNorms ``2 * 4h``,
+  their bf16 outputs ``2 * 2h``, q/k/v projections ``2(q + 2k)``, rotated q/k ``2(q + k)``, the
+  attention output ``2q``, and the SwiGLU FFN's gate, up, silu(gate) and product ``4 * 2f``:
+  ``A = 12h + 6q + 6k + 8f``; in all ``L * A * T``. With --gradient-checkpointing only each
+  layer's fp32 input is kept, ``4h * L * T``, plus one layer's ``A * T`` while it is recomputed.
+* logits: bf16 logits, their fp32 copy and the fp32 log-softmax kept for backward, ``10 V T``.
+  At a 49K-152K vocabulary this is often the largest single term.
+* FSDP2 (``fully_shard`` per decoder layer): weights, gradients and AdamW state are divided by
+  ``W``: ``16P / W``; add the unsharded working set, the current and the prefetched layer's full
+  fp32 parameters and one layer's full gradients ``3 * 4 * layer_params``, and the embedding /
+  LM head, which is gathered whole while it is used: ``8 * V * h``. Activations and logits are
+  per device as for DDP.
+
+A device also holds the CUDA context and allocator slack (a few GiB, not counted).
+
+Time: ``tokens / throughput``. Without a measured throughput it is estimated from FLOPs: per
+token ``6 N + 6 L s q`` (N: the parameters of every matmul, the LM head included and the input
+embedding lookup not; the second term is causal attention at sequence length s), at
+``mfu * gpu_tflops`` per GPU. A given throughput is taken to be the source's; later phases are
+scaled by the FLOPs ratio, as the model shrinks along the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .params import count_parameters, format_count, parse_count
+from .recipe import QUICKSTART_SOURCE, RecipeError, TrainConfig
+
+GIB = 1 << 30
+
+
+@dataclass
+class Memory:
+    """Bytes per device at the peak (the source size), by part."""
+
+    weights: int
+    gradients: int
+    adamw: int
+    saliency: int
+    activations: int
+    logits: int
+    ddp_buckets: int = 0
+    fsdp_working_set: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.gradients + self.adamw + self.saliency + self.activations + self.logits
+                + self.ddp_buckets + self.fsdp_working_set)  # fmt: skip
+
+
+@dataclass
+class RunPlan:
+    source: str
+    source_from: str
+    shapes: dict
+    source_params: int
+    target_params: int | None
+    world_size: int
+    tokens_per_step: int
+    total_steps: int
+    total_tokens: int
+    prune_start: int
+    prune_end: int
+    prune_steps: int
+    budget_points: list[tuple[int, int]]
+    ddp: Memory
+    fsdp: Memory
+    gpu_memory_gib: float
+    seconds: float
+    throughput_from: str
+    notes: list[str] = field(default_factory=list)
+
+
+def source_config(cfg: TrainConfig):
+    """(EfficientLLMConfig of the source, where its shapes came from); reads no weights."""
+    from .configuration_effllm import EfficientLLMConfig
+    from .known_sources import known_config, lookup
+
+    if cfg.init_config:
+        path = Path(cfg.init_config)
+        try:
+            return EfficientLLMConfig.from_pretrained(path if path.is_dir() else path.parent), str(path)
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"cannot read --init-config {cfg.init_config} ({str(err).splitlines()[0]})") from None
+    if cfg.source == QUICKSTART_SOURCE:
+        config = EfficientLLMConfig(
+            vocab_size=cfg.source_vocab, hidden_size=cfg.source_hidden, num_hidden_layers=cfg.source_layers,
+            num_attention_heads=cfg.source_heads, num_key_value_heads=cfg.source_kv_heads,
+            intermediate_size=cfg.source_ffn, head_dim=cfg.source_hidden // cfg.source_heads, tie_word_embeddings=True,
+        )  # fmt: skip
+        return config, "the quickstart settings (--source-*)"
+    if not Path(cfg.source).exists():
+        config = known_config(cfg.source)
+        if config is not None:
+            return config, f"effllm's table of known sources ({lookup(cfg.source)})"
+    from .convert import effllm_config_from_source, load_source_config
+
+    config = effllm_config_from_source(load_source_config(cfg.source))  # local config.json, or the hub
+    return config, "its config.json"
+
+
+def activation_bytes_per_token_layer(h: int, q: int, k: int, f: int) -> int:
+    """``A = 12h + 6q + 6k + 8f`` (see the module docstring)."""
+    return 12 * h + 6 * q + 6 * k + 8 * f
+
+
+def memory(config, cfg: TrainConfig, world_size: int, fsdp: bool) -> Memory:
+    """Peak bytes per device for ``config`` (see the module docstring for every term)."""
+    count = count_parameters(config)
+    p = count.total
+    h, v, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    shapes = config.layer_shapes()
+    hd = config.head_dim
+    tokens = cfg.batch_size * cfg.seq_len
+    per_layer = [
+        activation_bytes_per_token_layer(h, heads * hd, kv * hd, ffn) for heads, kv, ffn in shapes
+    ]
+    if cfg.gradient_checkpointing:
+        activations = (4 * h * n_layers + max(per_layer, default=0)) * tokens
+    else:
+        activations = sum(per_layer) * tokens
+    groups = sum(kv + ffn for _, kv, ffn in shapes) + h + n_layers
+    largest = max([v * h] + [max(h * heads * hd, h * ffn) for heads, _, ffn in shapes])
+    saliency = 8 * groups + 8 * largest
+    logits = 10 * v * tokens
+    if not fsdp:
+        return Memory(4 * p, 4 * p, 8 * p, saliency, activations, logits,
+                      ddp_buckets=4 * p if world_size > 1 else 0)  # fmt: skip
+    layer_params = max((count.attention + count.ffn) // max(n_layers, 1), 1)
+    shard = math.ceil(p / world_size)
+    working = 3 * 4 * layer_params + 8 * v * h
+    return Memory(4 * shard, 4 * shard, 8 * shard, saliency, activations, logits, fsdp_working_set=working)
+
+
+def flops_per_token(config, seq_len: int, params: int | None = None) -> float:
+    """``6 N + 6 L s q``; ``params`` scales N (and attention alike) to a smaller model along the budget."""
+    count = count_parameters(config)
+    matmul = count.total - count.embedding + (count.embedding if config.tie_word_embeddings else 0)
+    attention = sum(6 * seq_len * heads * config.head_dim for heads, _, _ in config.layer_shapes())
+    scale = 1.0 if params is None else params / count.total
+    return 6 * matmul * scale + attention * scale
+
+
+def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None = None, gpu_tflops: float = 989.0,
+              mfu: float = 0.35, gpu_memory_gib: float = 80.0) -> RunPlan:  # fmt: skip
+    """Everything ``--dry-run`` prints; raises RecipeError (or the source's error) on bad input."""
+    from .pruning import LinearBudget
+    from .train import resolve_target
+
+    config, where = source_config(cfg)
+    count = count_parameters(config)
+    source_params = count.total
+    notes = []
+    try:
+        target = resolve_target(cfg.target_params, source_params, None)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world_size
+    total_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
+    prune_tokens = cfg.prune_tokens if cfg.prune_tokens is not None else int(cfg.prune_fraction * cfg.tokens)
+    prune_end = cfg.prune_start + prune_tokens
+    if target is not None and prune_end > cfg.tokens:
+        raise RecipeError(
+            f"the pruning phase ends at {prune_end:,} tokens, after the run's {cfg.tokens:,}; "
+            "lower --prune-start/--prune-tokens or raise --tokens"
+        )
+    curve = getattr(cfg, "budget_curve", "linear")
+    points: list[tuple[int, int]] = []
+    prune_steps = 0
+    if target is not None:
+        budget = LinearBudget(source_params, target, cfg.prune_start, prune_end, curve)
+        marks = [0, cfg.prune_start] + [cfg.prune_start + prune_tokens * i // 4 for i in (1, 2, 3)] + [prune_end]
+        points = [(t, budget.budget(t)) for t in sorted(set(marks))]
+        first = cfg.prune_start // tokens_per_step
+        last = math.ceil(prune_end / tokens_per_step)
+        prune_steps = max(0, last - first) // max(cfg.prune_every, 1)
+    # time: integrate FLOPs along the budget (64 slices of the run)
+    source_flops = flops_per_token(config, cfg.seq_len)
+    slices, seconds = 64, 0.0
+    if tokens_per_s:
+        rate_at_source, throughput_from = tokens_per_s, f"--assume-tokens-per-s {tokens_per_s:,.0f} (for the source)"
+    else:
+        rate_at_source = mfu * gpu_tflops * 1e12 * world_size / source_flops
+        throughput_from = f"estimated: {world_size} GPU(s) x {gpu_tflops:g} TFLOP/s x MFU {mfu:g}"
+    for i in range(slices):
+        t = (i + 0.5) * cfg.tokens / slices
+        params = budget.budget(int(t)) if target is not None else source_params
+        rate = rate_at_source * source_flops / flops_per_token(config, cfg.seq_len, params)
+        seconds += cfg.tokens / slices / rate
+    ddp, fsdp = memory(config, cfg, world_size, False), memory(config, cfg, world_size, True)
+    limit = gpu_memory_gib * GIB
+    if ddp.total > limit and not cfg.gradient_checkpointing:
+        notes.append("DDP does not fit at this micro-batch: add --gradient-checkpointing, or lower --batch-size "
+                     "and raise --grad-accum (same tokens per step)")  # fmt: skip
+    if ddp.total > limit and fsdp.total <= limit:
+        notes.append("FSDP2 would fit where DDP does not; effllm trains with DDP today (see docs/scale.md)")
+    if ddp.logits > ddp.activations:
+        notes.append("the logits are the largest activation: a smaller --batch-size with more --grad-accum helps most")
+    shapes = {
+        "vocab": config.vocab_size, "hidden": config.hidden_size, "layers": config.num_hidden_layers,
+        "heads": config.layer_shapes()[0][0], "kv_heads": config.layer_shapes()[0][1], "head_dim": config.head_dim,
+        "ffn": config.layer_shapes()[0][2], "tied_embeddings": bool(config.tie_word_embeddings),
+    }  # fmt: skip
+    return RunPlan(
+        source=cfg.init_config or cfg.source, source_from=where, shapes=shapes, source_params=source_params,
+        target_params=target, world_size=world_size, tokens_per_step=tokens_per_step, total_steps=total_steps,
+        total_tokens=total_steps * tokens_per_step, prune_start=cfg.prune_start, prune_end=prune_end,
+        prune_steps=prune_steps, budget_points=points, ddp=ddp, fsdp=fsdp, gpu_memory_gib=gpu_memory_gib,
+        seconds=seconds, throughput_from=throughput_from, notes=notes,
+    )  # fmt: skip
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:,.1f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def format_plan(plan: RunPlan) -> str:
+    s = plan.shapes
+    lines = [
+        f"source: {plan.source} (shapes from {plan.source_from})",
+        f"  {format_count(plan.source_params)} parameters: vocab {s['vocab']:,}, hidden {s['hidden']}, "
+        f"{s['layers']} layers, {s['heads']} heads / {s['kv_heads']} KV heads of {s['head_dim']}, FFN {s['ffn']}, "
+        f"{'tied' if s['tied_embeddings'] else 'untied'} embeddings",
+    ]
+    if plan.target_params is None:
+        lines.append("target: none (plain pretraining, no pruning)")
+    else:
+        lines.append(
+            f"target: {format_count(plan.target_params)} parameters ({plan.target_params / plan.source_params:.0%} "
+            "of the source); per-layer shapes are decided by saliency during the run"
+        )
+    lines += [
+        f"steps: {plan.total_steps:,} of {plan.tokens_per_step:,} tokens ({plan.world_size} device(s)); "
+        f"{plan.total_tokens:,} tokens in all",
+    ]
+    if plan.budget_points:
+        lines.append(
+            f"pruning: tokens {plan.prune_start:,}..{plan.prune_end:,}, {plan.prune_steps:,} prune steps; "
+            "the budget (parameters allowed) at:"
+        )
+        lines += [f"  {t:>18,} tokens: {format_count(p)}" for t, p in plan.budget_points]
+    lines.append(f"memory per device at the peak (the source), limit {plan.gpu_memory_gib:g} GiB:")
+    header = f"  {'':22}{'DDP':>12}{'FSDP2':>12}"
+    lines.append(header)
+    for name in ("weights", "gradients", "adamw", "saliency", "activations", "logits", "ddp_buckets",
+                 "fsdp_working_set", "total"):  # fmt: skip
+        a, b = getattr(plan.ddp, name), getattr(plan.fsdp, name)
+        lines.append(f"  {name.replace('_', ' '):22}{_gib(a):>12}{_gib(b):>12}")
+    fits = {k: m.total <= plan.gpu_memory_gib * GIB for k, m in (("DDP", plan.ddp), ("FSDP2", plan.fsdp))}
+    lines.append("  fits: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in fits.items()))
+    lines.append(f"time: {_duration(plan.seconds)} ({plan.throughput_from})")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+__all__ = ["Memory", "RunPlan", "make_plan", "format_plan", "memory", "flops_per_token", "parse_count"]
