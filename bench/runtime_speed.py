@@ -137,16 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from effllm.runtime.bench import (
-        BenchSettings,
-        RunConditions,
-        add_ratios,
-        enrich,
-        plan_targets,
-        read_verify,
-        run_target,
-        write_report,
-    )
+    from effllm.runtime.bench_report import add_ratios, enrich, portable_path, read_verify, write_report
+    from effllm.runtime.bench_targets import BenchSettings, plan_targets
+    from effllm.runtime.bench_worker import run_target
+    from effllm.runtime.machine import RunConditions
 
     work = Path(args.work)
     dirs = build_models(work)
@@ -207,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(final)
     report = {
         "kind": "cpu",
-        "model": ", ".join(f"{n}: {exports.get(n, '')}" for n in models),
+        "model": ", ".join(f"{n}: {portable_path(exports[n])}" for n in models),
         "machine": machine,
         "settings": vars(args) | {"prompt_lengths": args.prompt_lengths},
         "results": final,
@@ -219,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = comparison_markdown(report["irregular_vs_uniform"])
     with open(paths[1], "a") as f:
         f.write("\n## Irregular vs uniform (same parameter count)\n\n" + summary + "\n\n" + UNPAIRED_CAVEAT + "\n")
-    from effllm.runtime.bench import markdown_table
+    from effllm.runtime.bench_report import markdown_table
 
     print(markdown_table(report))
     print("\n" + summary)
@@ -243,7 +237,8 @@ print(json.dumps(paired_worker(json.loads(sys.stdin.read()))))
 def paired_worker(spec: dict) -> dict:
     """Both models in this process, timed alternately (irregular, uniform, uniform, irregular, ...)."""
     import numpy as np
-    from effllm.runtime.generate import load_backend, quiet_native_output
+    from effllm.runtime.generate import load_backend
+    from effllm.runtime.native import quiet_native_output
 
     with quiet_native_output():
         models = {name: load_backend(spec["backend"], spec[name], spec["threads"]) for name in ("irregular", "uniform")}
@@ -279,13 +274,9 @@ def paired(exports: dict, settings, args) -> int:
     """Irregular vs uniform latency per (backend, variant), each pair timed in one process, alternately."""
     import subprocess
 
-    from effllm.runtime.bench import (
-        BENCH_BACKENDS,
-        FORMAT_OF_BACKEND,
-        load_average,
-        machine_info,
-    )
-    from effllm.runtime.generate import find_model_files
+    from effllm.runtime.bench_targets import BENCH_BACKENDS
+    from effllm.runtime.machine import load_average, machine_info
+    from effllm.runtime.model_files import FORMAT_OF_BACKEND, find_model_files
 
     from effllm.fileio import write_atomic
 

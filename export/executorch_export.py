@@ -1,6 +1,6 @@
 """ExecuTorch export: a .pte with per-layer KV-cache buffers that ExecuTorch's LLM runner can drive.
 
-The program (see ../shared/DESIGN.md, "ExecuTorch format"):
+The program (docs/formats.md, "ExecuTorch"):
     forward(tokens int64[1, T], input_pos int64[T]) -> logits float[1, T, vocab]
 input_pos holds consecutive positions start..start+T-1, as ExecuTorch's LLM runner passes them.
 Each attention layer owns two buffers that forward updates in place, so layers keep their own
@@ -12,10 +12,11 @@ over the filled slots 0..start+T-1 only and serve grouped KV heads without copyi
 where the plain-aten version attended over all max_seq_len slots with a mask and repeated the
 cache for every query head outside XNNPACK (decode 3.7x slower on the quickstart model at
 max_seq_len 256, more with longer caches). They want the cache as [1, max_seq_len, kv_heads_i,
-head_dim], not DESIGN.md's [1, kv_heads_i, max_seq_len, head_dim]; the buffers are internal, so
+head_dim], not [1, kv_heads_i, max_seq_len, head_dim] as the ONNX cache; the buffers are internal, so
 forward's inputs and outputs are unchanged. Every runtime that runs the file must have these
 kernels: the executorch-android AAR and runners built with EXECUTORCH_BUILD_KERNELS_LLM=ON do, and
-in Python ``load_llm_kernels()`` registers them (effllm's ExecuTorch backends call it).
+in Python ``effllm.runtime.native.load_llm_kernels()`` registers them (the exporter and effllm's
+ExecuTorch backends call it).
 
 8da4w: int8 dynamic activations, int4 weights in groups of ``group_size`` input channels. A linear
 whose input width is not a multiple of the group size (pruning leaves widths like 17) falls back to
@@ -31,17 +32,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from effllm.runtime.native import load_llm_kernels
 from torch import nn
 
 from .onnx_export import eos_ids
 
 PTE_FILE = "model.pte"
 DEFAULT_GROUP_SIZE = 32
-
-
-def load_llm_kernels() -> None:
-    """Register ExecuTorch's LLM ops (torch.ops.llama.*) for export, and their kernels for the runtime."""
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (loads libcustom_ops_aot_lib)
 
 
 class ExecuTorchDecoder(nn.Module):

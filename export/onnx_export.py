@@ -1,6 +1,6 @@
 """ONNX export: a decoder with explicit per-layer KV inputs/outputs, plus what onnxruntime-genai needs.
 
-The exported graph (see ../shared/DESIGN.md, "ONNX format"):
+The exported graph (docs/formats.md, "ONNX"):
     inputs   input_ids [batch, seq], attention_mask [batch, past+seq], position_ids [batch, seq],
              past_key_values.{i}.key / .value [batch, kv_heads_i, past, head_dim]
     outputs  logits [batch, seq, vocab], present.{i}.key / .value [batch, kv_heads_i, past+seq, head_dim]

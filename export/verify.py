@@ -1,5 +1,9 @@
 """Parity checks: the same token ids through torch and through an exported model.
 
+Both sides are effllm.runtime backends (forward_all: every position's logits): the in-memory model
+in the torch backend is the reference, and the exported file runs in the onnxruntime or ExecuTorch
+backend, as effllm-generate would run it. verify_report.py writes the results.
+
 fp32 variants must reproduce torch: for every prompt, prefill plus one decode step per token of
 torch's greedy continuation (GREEDY_TOKENS long), every logit within FP32_MAX_ABS_LOGIT_DIFF, and
 the exported model's own greedy choice equal to torch's at every step. Feeding torch's tokens
@@ -22,15 +26,12 @@ torch's) and the relative perplexity increase. Thresholds (QUANTIZED_THRESHOLDS)
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
-import torch
-
-from effllm.fileio import write_atomic
+from effllm.runtime.backend import Backend
+from effllm.runtime.torch_backend import TorchBackend
 
 GREEDY_TOKENS = 32
 FP32_MAX_ABS_LOGIT_DIFF = 1e-4
@@ -39,12 +40,6 @@ QUANTIZED_THRESHOLDS = {
     "int4": {"min_top1_agreement": 0.80, "max_ppl_increase": 0.25},
     "8da4w": {"min_top1_agreement": 0.80, "max_ppl_increase": 0.25},
 }
-LEGEND = f"""fp32 variants pass with every logit within {FP32_MAX_ABS_LOGIT_DIFF:.0e} of torch's (prefill and one decode
-step per token of a {GREEDY_TOKENS}-token greedy continuation, every prompt) and identical greedy tokens
-(for ONNX also in onnxruntime-genai). Quantized variants pass on held-out text: top-1 agreement
-with fp32 torch >= {QUANTIZED_THRESHOLDS["int8"]["min_top1_agreement"]} (int8) / >= {QUANTIZED_THRESHOLDS["int4"]["min_top1_agreement"]} (int4, 8da4w) and a perplexity increase of at
-most {QUANTIZED_THRESHOLDS["int8"]["max_ppl_increase"]:.0%} / {QUANTIZED_THRESHOLDS["int4"]["max_ppl_increase"]:.0%}; their greedy and logit columns are for information.
-"""
 EVAL_WINDOW = 128  # tokens per held-out window (capped at max_seq_len - 1)
 EVAL_WINDOWS = 8
 PROMPTS = (
@@ -55,96 +50,27 @@ PROMPTS = (
 )
 
 
-# ---- the models under test: one interface, run(tokens, start_pos) -> logits [len(tokens), vocab] ----
-class TorchModel:
-    """The fp32 reference: full-sequence forward for logits, its own KV cache for greedy decoding."""
+# ---- the reference ------------------------------------------------------------------------------
+class TorchReference:
+    """The fp32 model in the runtime's torch backend: logits of a whole sequence, and greedy continuations
+    (computed once per prompt: every variant is checked against the same ones)."""
 
     def __init__(self, model):
-        self.model = model.float().eval()
-        self._greedy: dict[tuple, list[int]] = {}  # every variant is checked against the same continuations
+        self.backend = TorchBackend.from_model(model)
+        self._greedy: dict[tuple, list[int]] = {}
 
-    @torch.no_grad()
     def logits(self, ids: list[int]) -> np.ndarray:
-        return self.model(torch.tensor([ids]), use_cache=False).logits[0].numpy()
+        return self.backend.forward_all(ids, 0)
 
-    @torch.no_grad()
     def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
-        """Greedy continuation through the model's own cache; EOS does not stop it (fixed length)."""
+        """Greedy continuation through the KV cache; EOS does not stop it (fixed length)."""
         key = (tuple(prompt), new_tokens)
         if key not in self._greedy:
-            out = self.model(torch.tensor([prompt]), use_cache=True)
-            tokens = [int(out.logits[0, -1].argmax())]
+            tokens = [int(self.backend.forward(prompt, 0).argmax())]
             while len(tokens) < new_tokens:
-                out = self.model(torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
-                tokens.append(int(out.logits[0, -1].argmax()))
+                tokens.append(int(self.backend.forward(tokens[-1:], len(prompt) + len(tokens) - 1).argmax()))
             self._greedy[key] = tokens
         return list(self._greedy[key])
-
-
-class OnnxRuntimeModel:
-    """model.onnx in an onnxruntime session, batch 1, its KV cache carried between calls."""
-
-    def __init__(self, path: str | Path, config):
-        import onnxruntime as ort
-
-        from .onnx_export import kv_heads_per_cache_layer, past_input_names
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # No busy-waiting between the many tiny decode calls: spinning threads only steal the CPU
-        # from everything else on a small machine, for no gain at these sizes.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.past_names = past_input_names(config)
-        self.kv_heads = [h for h in kv_heads_per_cache_layer(config) for _ in range(2)]
-        self.head_dim = config.head_dim
-        self.reset()
-
-    def reset(self) -> None:
-        self.past = [np.zeros((1, h, 0, self.head_dim), np.float32) for h in self.kv_heads]
-
-    def run(self, tokens: list[int], start_pos: int) -> np.ndarray:
-        if start_pos == 0:
-            self.reset()
-        if self.past and self.past[0].shape[2] != start_pos:
-            raise ValueError(f"cache holds {self.past[0].shape[2]} positions, asked to continue at {start_pos}")
-        n = len(tokens)
-        feed = {
-            "input_ids": np.array([tokens], np.int64),
-            "attention_mask": np.ones((1, start_pos + n), np.int64),
-            "position_ids": np.arange(start_pos, start_pos + n, dtype=np.int64)[None],
-            **dict(zip(self.past_names, self.past)),
-        }
-        logits, *self.past = self.session.run(None, feed)
-        return logits[0]
-
-
-class ExecuTorchModel:
-    """model.pte in the ExecuTorch runtime; the KV cache lives in the program's own buffers."""
-
-    def __init__(self, path: str | Path):
-        from executorch.runtime import Runtime
-
-        self.program = Runtime.get().load_program(str(path))
-        self.forward = self.program.load_method("forward")
-
-    def run(self, tokens: list[int], start_pos: int) -> np.ndarray:
-        out = self.forward.execute([torch.tensor([tokens]), torch.arange(start_pos, start_pos + len(tokens))])
-        return out[0][0].numpy()
-
-
-def genai_greedy(onnx_dir: str | Path, prompt: list[int], new_tokens: int) -> list[int]:
-    """New tokens from onnxruntime-genai's greedy search (it stops early at EOS)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(onnx_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)][len(prompt) :]
 
 
 def before_eos(tokens: list[int], eos: list[int]) -> list[int]:
@@ -198,15 +124,15 @@ class VariantReport:
         return d
 
 
-def check_prompts(reference: TorchModel, exported, prompts: list[list[int]], texts: list[str], new_tokens: int):
+def check_prompts(reference: TorchReference, exported, prompts: list[list[int]], texts: list[str], new_tokens: int):
     """Teacher-forced prefill + decode of torch's greedy continuation; one PromptCheck per prompt."""
     checks = []
     for ids, text in zip(prompts, texts):
         continuation = reference.greedy(ids, new_tokens)
         expected = reference.logits(ids + continuation[:-1])  # logits that predict each continuation token
-        got = [exported.run(ids, 0)]
+        got = [exported.forward_all(ids, 0)]
         for step, token in enumerate(continuation[:-1]):
-            got.append(exported.run([token], len(ids) + step))
+            got.append(exported.forward_all([token], len(ids) + step))
         got = np.concatenate(got)
         choices = got[len(ids) - 1 :].argmax(-1).tolist()
         mismatches = [i for i, (a, b) in enumerate(zip(choices, continuation)) if a != b]
@@ -222,13 +148,13 @@ def check_prompts(reference: TorchModel, exported, prompts: list[list[int]], tex
     return checks
 
 
-def held_out_metrics(reference: TorchModel, exported, windows: list[list[int]]) -> dict:
+def held_out_metrics(reference: TorchReference, exported, windows: list[list[int]]) -> dict:
     """Top-1 agreement with torch and both perplexities over the held-out windows (prefill only)."""
     agree = total = 0
     nll_torch = nll_exported = 0.0
     for window in windows:
         expected = reference.logits(window)
-        got = exported.run(window, 0)
+        got = exported.forward_all(window, 0)
         agree += int((got.argmax(-1) == expected.argmax(-1)).sum())
         total += len(window)
         targets = np.array(window[1:])
@@ -265,22 +191,22 @@ def eval_windows(token_ids: list[int], max_seq_len: int, count: int = EVAL_WINDO
 
 def verify_variant(
     report: VariantReport,
-    reference: TorchModel,
-    exported,
+    reference: TorchReference,
+    exported: Backend,
     prompts: dict[str, list[int]],
     windows: list[list[int]],
     max_seq_len: int,
     eos: list[int] | None = None,
-    genai_dir: str | Path | None = None,
+    genai_greedy=None,
 ) -> VariantReport:
     """Fill ``report`` with the checks for its quantization and list every threshold it misses."""
     longest = max(len(ids) for ids in prompts.values())
     new_tokens = max(1, min(GREEDY_TOKENS, max_seq_len - longest))
     checks = check_prompts(reference, exported, list(prompts.values()), list(prompts), new_tokens)
-    if genai_dir is not None:
+    if genai_greedy is not None:  # (prompt, new_tokens) -> onnxruntime-genai's own greedy tokens
         for check, ids in zip(checks, prompts.values()):
             expected = before_eos(reference.greedy(ids, new_tokens), eos or [])
-            check.genai_greedy_equal = genai_greedy(genai_dir, ids, new_tokens) == expected
+            check.genai_greedy_equal = genai_greedy(ids, new_tokens) == expected
         report.genai_greedy_equal_prompts = sum(bool(c.genai_greedy_equal) for c in checks)
     report.prompt_checks = checks
     report.prompts = len(checks)
@@ -321,65 +247,3 @@ def verify_variant(
                     f"perplexity +{100 * report.ppl_increase:.1f}% > +{100 * limits['max_ppl_increase']:.0f}%"
                 )
     return report
-
-
-# ---- reporting ----------------------------------------------------------------------------------
-def format_table(reports: list[VariantReport]) -> str:
-    """A Markdown table, one row per exported variant."""
-    header = (
-        "| variant | size | export | max abs logit diff | greedy = torch | genai = torch | top-1 agree "
-        "| ppl torch | ppl | ppl change | result |"
-    )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in reports:
-        genai = "-" if r.genai_greedy_equal_prompts is None else f"{r.genai_greedy_equal_prompts}/{r.prompts}"
-        lines.append(
-            f"| {r.name} | {_size(r.size_bytes)} | {_secs(r.export_seconds)} | {r.max_abs_logit_diff:.2e} "
-            f"| {r.greedy_equal_prompts}/{r.prompts} | {genai} | {_num(r.top1_agreement, '.3f')} "
-            f"| {_num(r.ppl_torch, '.2f')} | {_num(r.ppl, '.2f')} | {_pct(r.ppl_increase)} "
-            f"| {'pass' if r.passed else 'FAIL: ' + '; '.join(r.failures)} |"
-        )
-    return "\n".join(lines)
-
-
-def _size(n):
-    return "-" if n is None else f"{n / 2**20:.2f} MiB"
-
-
-def _secs(s):
-    return "-" if s is None else f"{s:.1f} s"
-
-
-def _num(x, fmt):
-    return "-" if x is None or math.isnan(x) else format(x, fmt)
-
-
-def _pct(x):
-    return "-" if x is None or math.isnan(x) else f"{100 * x:+.2f}%"
-
-
-def write_reports(reports: list[VariantReport], out_dir: str | Path, extra: dict | None = None) -> dict:
-    """verify.json (for machines) and verify.md (for people) in out_dir, each written atomically."""
-    out_dir = Path(out_dir)
-    summary = {
-        "passed": all(r.passed for r in reports),
-        "fp32_max_abs_logit_diff": FP32_MAX_ABS_LOGIT_DIFF,
-        "greedy_tokens": GREEDY_TOKENS,
-        "quantized_thresholds": QUANTIZED_THRESHOLDS,
-        **(extra or {}),
-        "variants": [r.as_dict() for r in reports],
-    }
-    write_atomic(out_dir / "verify.json", json.dumps(_without_nan(summary), indent=2) + "\n")
-    write_atomic(out_dir / "verify.md", "# Export verification\n\n" + format_table(reports) + "\n\n" + LEGEND)
-    return summary
-
-
-def _without_nan(value):
-    """NaN (a metric not measured) becomes null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _without_nan(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_without_nan(v) for v in value]
-    return value

@@ -1,14 +1,21 @@
 """effllm.runtime: generate text with, and benchmark, exported EfficientLLM models on CPUs and phones.
 
+    backend             the backend contract (Backend, GenerationError, GenerationStats); numpy only
+    native              native-library helpers: muting C++ output, loading ExecuTorch's LLM kernels
     sampling            greedy / temperature / top-k / top-p / seed, in numpy: one implementation for all
-    generate            the generator interface (TextGenerator), streaming, finding a model's files
+    model_files         finding a model's files: the model directory, the export variants
+    generate            the generator (TextGenerator): prefill, sampling, EOS, streaming text
     torch_backend       eager PyTorch on the model directory (the reference)
     onnx_backend        model.onnx in our own numpy + onnxruntime loop (IO binding); imports no torch
     genai_backend       the ONNX directory in onnxruntime-genai
     executorch_backend  model.pte in the ExecuTorch runtime, and in its C++ LLM runner (as on Android)
-    bench               effllm-bench: load, TTFT, prefill/decode speed, memory, roofline -> JSON/Markdown/PNG
+    bench               effllm-bench's run: bench_targets (what to run), bench_worker (one measurement in its
+                        own process), machine (CPU, load, bandwidth), roofline, bench_report (JSON/Markdown/PNG)
     android             effllm-bench --target android: ExecuTorch's llama runner on a phone over adb
-    cli                 effllm-generate, effllm-bench
+    cli_args, cli       the shared argument parser; effllm-generate, effllm-bench
+
+effllm.export builds on this package (never the other way round); the formats it writes and what a
+runtime needs for them: docs/formats.md.
 
 Quick use:
 

@@ -37,6 +37,8 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from effllm.errors import EffllmError
+
 OBSERVER_TAG = "PyTorchObserver"
 DEVICE_DIR = "/data/local/tmp/effllm"
 RUNNER_NAME = "llama_main"
@@ -44,7 +46,7 @@ RSS_PATTERN = re.compile(r"RSS after [^:]*:\s*([0-9.]+)\s*MiB")
 ADB_TIMEOUT_S = 60
 
 
-class AndroidError(Exception):
+class AndroidError(EffllmError):
     """The phone path cannot run: no adb, no device, no runner (exit code 2; the message says what to do)."""
 
 

@@ -4,57 +4,29 @@
     effllm-bench [MODEL]                             laptop benchmark -> bench.json / bench.md / bench.png
     effllm-bench --target android --runner llama_main [--serial ID] [MODEL]
 
-Bad input (a missing model, an option a backend lacks, no adb or phone) prints one line on stderr
-and exits with 2, without a traceback.
+Bad input (a missing model, an option a backend lacks, no adb or phone) is an EffllmError: run_cli
+prints it as one line on stderr and exits with 2, without a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+from effllm.errors import EXIT_INTERRUPTED, EffllmError, first_line, run_cli
+
+from .cli_args import CliParser, nonnegative_int, positive_int
+
 DEFAULT_PROMPT = "The return statement"
-EXIT_BAD_INPUT = 2
-
-
-def _fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"{prog}: {message}", file=sys.stderr)
-    return code
-
-
-def _int_at_least(minimum: int):
-    """An argparse type: a whole number >= minimum, with a one-line message otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonneg_int = _int_at_least(0)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (plus the usage) and exit 2, as everywhere in effllm."""
-
-    def error(self, message):
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message}; see {self.prog} --help\n")
+EXIT_RUNTIME_FAILED = 1
 
 
 # ---- effllm-generate --------------------------------------------------------------------------------
-def generate_parser() -> argparse.ArgumentParser:
-    from .generate import BACKENDS, DEFAULT_EXPORT, DEFAULT_MODEL
+def generate_parser() -> CliParser:
+    from .model_files import BACKENDS, DEFAULT_EXPORT, DEFAULT_MODEL
 
-    parser = _Parser(
+    parser = CliParser(
         prog="effllm-generate",
         description=(
             "Generate text from an EfficientLLM model with one of several runtimes and stream it to the "
@@ -96,7 +68,7 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-new-tokens",
-        type=_nonneg_int,
+        type=nonnegative_int,
         default=128,
         help="most tokens to generate (default 128; fewer when the model's max sequence length is reached)",
     )
@@ -107,7 +79,7 @@ def generate_parser() -> argparse.ArgumentParser:
         help="sampling temperature; 0 = greedy, always the most likely token (default 0)",
     )
     parser.add_argument(
-        "--top-k", type=_nonneg_int, default=0, help="sample among the k most likely tokens only; 0 = all (default 0)"
+        "--top-k", type=nonnegative_int, default=0, help="sample among the k most likely tokens only; 0 = all (default 0)"
     )
     parser.add_argument(
         "--top-p",
@@ -117,13 +89,13 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--seed",
-        type=_nonneg_int,
+        type=nonnegative_int,
         default=None,
         help="random seed for sampling: the same seed, options and model give the same text on every backend "
         "(default: a different draw each run)",
     )
     parser.add_argument(
-        "--threads", type=_positive_int, default=None, help="CPU threads for the runtime (default: the runtime's own)"
+        "--threads", type=positive_int, default=None, help="CPU threads for the runtime (default: the runtime's own)"
     )
     parser.add_argument(
         "--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token (fixed lengths)"
@@ -145,25 +117,26 @@ def _stdout_for_streaming():
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    from .generate import DEFAULT_EXPORT, GenerationError, load_generator
-    from .sampling import SamplingConfig, SamplingError
-
     prog = "effllm-generate"
     args = generate_parser().parse_args(argv)
+    return run_cli(prog, lambda: _generate(prog, args))
+
+
+def _generate(prog: str, args) -> int:
+    from .generate import load_generator
+    from .model_files import DEFAULT_EXPORT
+    from .sampling import SamplingConfig
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    except SamplingError as err:
-        return _fail(prog, str(err))
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
     try:
         generator = load_generator(args.model, args.backend, args.variant, args.threads)
-    except (GenerationError, SamplingError) as err:
-        return _fail(prog, str(err))
+    except EffllmError:
+        raise
     except Exception as err:  # a file the runtime cannot read is bad input too: say which and why
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = args.model or DEFAULT_EXPORT
-        return _fail(prog, f"cannot load {where} with --backend {args.backend}: {first[:300]}")
+        raise EffllmError(f"cannot load {where} with --backend {args.backend}: {first_line(err)[:300]}") from None
 
     out, owned = _stdout_for_streaming()
     try:
@@ -173,22 +146,16 @@ def generate_main(argv: list[str] | None = None) -> int:
         for piece in generator.stream(prompt, args.max_new_tokens, sampling, stop_at_eos=not args.ignore_eos):
             out.write(piece)
             out.flush()
-        out.write("\n")
-        out.flush()
-    except (GenerationError, SamplingError) as err:
-        out.write("\n")
-        out.flush()
-        return _fail(prog, str(err))
+    except EffllmError:
+        raise
     except KeyboardInterrupt:
-        out.write("\n")
-        out.flush()
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:
-        out.write("\n")
-        out.flush()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return _fail(prog, f"{generator.name} failed while generating: {first[:300]}", code=1)
+        print(f"{prog}: error: {generator.name} failed while generating: {first_line(err)[:300]}", file=sys.stderr)
+        return EXIT_RUNTIME_FAILED
     finally:
+        out.write("\n")  # end the streamed line, whatever stopped it
+        out.flush()
         if owned:
             out.close()
     if not args.quiet:
@@ -197,11 +164,11 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 
 # ---- effllm-bench -----------------------------------------------------------------------------------
-def bench_parser() -> argparse.ArgumentParser:
-    from .bench import BENCH_BACKENDS, DEFAULT_NEW_TOKENS, DEFAULT_PROMPT_LENGTHS
-    from .generate import DEFAULT_EXPORT, DEFAULT_MODEL
+def bench_parser() -> CliParser:
+    from .bench_targets import BENCH_BACKENDS, DEFAULT_NEW_TOKENS, DEFAULT_PROMPT_LENGTHS
+    from .model_files import DEFAULT_EXPORT, DEFAULT_MODEL
 
-    parser = _Parser(
+    parser = CliParser(
         prog="effllm-bench",
         description=(
             "Benchmark every backend on every exported variant of a model: load time, time to first token, "
@@ -250,7 +217,7 @@ def bench_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"CPU threads for every runtime (default: all logical CPUs, here {os.cpu_count()}); on android, "
         "the runner's --cpu_threads (default: its own choice of performance cores)",
@@ -258,7 +225,7 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prompt-lengths",
         nargs="+",
-        type=_positive_int,
+        type=positive_int,
         default=list(DEFAULT_PROMPT_LENGTHS),
         metavar="N",
         help="prompt lengths in tokens for prefill speed; the first also serves TTFT and decode "
@@ -267,17 +234,17 @@ def bench_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--new-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_NEW_TOKENS,
         help=f"tokens generated for the decode speed (default {DEFAULT_NEW_TOKENS})",
     )
     parser.add_argument(
-        "--warmup", type=_nonneg_int, default=1, help="unmeasured runs before the measured ones (default 1)"
+        "--warmup", type=nonnegative_int, default=1, help="unmeasured runs before the measured ones (default 1)"
     )
     parser.add_argument(
-        "--repeats", type=_positive_int, default=3, help="measured runs; the median is reported (default 3)"
+        "--repeats", type=positive_int, default=3, help="measured runs; the median is reported (default 3)"
     )
-    parser.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the random prompt token ids (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random prompt token ids (default 0)")
     parser.add_argument(
         "--out",
         default=None,
@@ -285,7 +252,7 @@ def bench_parser() -> argparse.ArgumentParser:
         "beside an export/ or model/ directory (runs/quickstart/bench), else MODEL-bench",
     )
     parser.add_argument(
-        "--timeout", type=_positive_int, default=3600, help="seconds one (backend, variant) may take (default 3600)"
+        "--timeout", type=positive_int, default=3600, help="seconds one (backend, variant) may take (default 3600)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     android = parser.add_argument_group("android (--target android)")
@@ -303,11 +270,16 @@ def bench_parser() -> argparse.ArgumentParser:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    from .bench import BenchError, BenchSettings, default_out, write_report
-    from .generate import GenerationError, default_model
-
     prog = "effllm-bench"
     args = bench_parser().parse_args(argv)
+    return run_cli(prog, lambda: _bench(prog, args))
+
+
+def _bench(prog: str, args) -> int:
+    from .bench_report import markdown_table, write_report
+    from .bench_targets import BenchSettings, plan_targets
+    from .model_files import default_model
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threads = args.threads if args.threads is not None else (os.cpu_count() if args.target == "cpu" else None)
     settings = BenchSettings(
@@ -319,38 +291,15 @@ def bench_main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         timeout_s=args.timeout,
     )
-    try:
-        model = Path(args.model) if args.model is not None else default_model()
-        out = Path(args.out) if args.out else default_out(model)
-        if args.target == "android":
-            return _bench_android(args, model, out, settings)
-        from .bench import plan_targets, run_bench
+    model = Path(args.model) if args.model is not None else default_model()
+    out = Path(args.out) if args.out else default_out(model)
+    if args.target == "android":
+        from .android import run_android_bench
+        from .bench_report import android_report
+        from .bench_targets import android_variants
 
-        plan_targets(model, args.backends, args.variants)  # bad input fails here, before any slow work
-        _check_writable(out)
-        report = run_bench(model, settings, args.backends, args.variants, progress=not args.no_progress)
-    except (GenerationError, BenchError) as err:
-        return _fail(prog, str(err))
-    paths = write_report(report, out)
-    from .bench import markdown_table
-
-    print(markdown_table(report))
-    errors = [r for r in report["results"] if r.get("error")]
-    for r in errors:
-        print(f"{prog}: {r['backend']} / {r['variant']} failed: {r['error']}", file=sys.stderr)
-    print(f"{prog}: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
-    return 1 if errors else 0
-
-
-def _bench_android(args, model: Path, out: Path, settings) -> int:
-    from .android import AndroidError, run_android_bench
-    from .bench import android_report, android_variants, markdown_table, write_report
-
-    prog = "effllm-bench"
-    try:
-        variants = android_variants(model, args.variants)
         raw = run_android_bench(
-            variants,
+            android_variants(model, args.variants),
             args.runner,
             serial=args.serial,
             adb=args.adb,
@@ -360,23 +309,38 @@ def _bench_android(args, model: Path, out: Path, settings) -> int:
             warmup=settings.warmup,
             repeats=settings.repeats,
         )
-    except AndroidError as err:
-        return _fail(prog, str(err))
-    report = android_report(model, raw, settings)
-    paths = write_report(report, out, stem="bench-android")
+        report, stem = android_report(model, raw, settings), "bench-android"
+    else:
+        from .bench import run_bench
+
+        plan_targets(model, args.backends, args.variants)  # bad input fails here, before any slow work
+        _check_writable(out)
+        report, stem = run_bench(model, settings, args.backends, args.variants, progress=not args.no_progress), "bench"
+    paths = write_report(report, out, stem=stem)
     print(markdown_table(report))
+    errors = [r for r in report["results"] if r.get("error")]
+    for r in errors:
+        print(f"{prog}: {r['backend']} / {r['variant']} failed: {r['error']}", file=sys.stderr)
     print(f"{prog}: wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
-    return 0
+    return EXIT_RUNTIME_FAILED if errors else 0
+
+
+def default_out(model: Path) -> Path:
+    """Where effllm-bench writes by default: 'bench' beside an export/ or model/ directory, else MODEL-bench."""
+    resolved = model.resolve()
+    if resolved.is_file():
+        resolved = resolved.parent
+    if resolved.name in ("export", "model"):
+        return resolved.parent / "bench"
+    return resolved.with_name(resolved.name + "-bench")
 
 
 def _check_writable(out: Path) -> None:
     from effllm.fileio import unwritable_reason
 
-    from .bench import BenchError
-
     reason = unwritable_reason(out, "effllm-bench")
     if reason:
-        raise BenchError(f"cannot write to {out} ({reason}); choose a writable --out")
+        raise EffllmError(f"cannot write to {out} ({reason}); choose a writable --out")
 
 
 if __name__ == "__main__":

@@ -21,29 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import (
-    Backend,
-    Generation,
-    GenerationError,
-    GenerationStats,
-    quiet_native_output,
-)
+from .backend import Backend, Generation, GenerationError, GenerationStats
+from .native import prepare_executorch, quiet_native_output
 from .sampling import GREEDY, SamplingConfig, SamplingError
-
-
-def prepare_runtime(threads: int | None) -> None:
-    """Register the LLM kernels our .pte files use, and size XNNPACK's thread pool (default: the
-    number of performance cores)."""
-    from executorch.extension.pybindings import portable_lib
-
-    from ..export.executorch_export import load_llm_kernels
-
-    with quiet_native_output():
-        load_llm_kernels()
-        if threads:
-            portable_lib._unsafe_reset_threadpool(int(threads))
-        else:
-            portable_lib._threadpool_get_thread_count()  # creates the pool now, while its logging is muted
 
 
 def constant_method(program, name: str, default=None):
@@ -71,7 +51,7 @@ class ExecuTorchBackend(Backend):
 
         self.path = pte_path(path)
         self._torch = torch
-        prepare_runtime(threads)
+        prepare_executorch(threads)
         self.program = Runtime.get().load_program(str(self.path))
         if "forward" not in self.program.method_names:
             raise GenerationError(f"{self.path} has no forward method; re-export it with effllm-export")
@@ -83,7 +63,7 @@ class ExecuTorchBackend(Backend):
         vocab = constant_method(self.program, "get_vocab_size")
         self.vocab_size = int(vocab) if vocab is not None else None
 
-    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+    def forward_all(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
         torch = self._torch
         n = len(tokens)
         if self.max_seq_len is not None and start_pos + n > self.max_seq_len:
@@ -91,7 +71,7 @@ class ExecuTorchBackend(Backend):
         out = self.method.execute(
             [torch.tensor([list(tokens)], dtype=torch.long), torch.arange(start_pos, start_pos + n, dtype=torch.long)]
         )
-        return out[0][0, -1].numpy()
+        return out[0][0].numpy()
 
     def close(self) -> None:
         self.method = None
@@ -108,7 +88,7 @@ class RunnerGenerator:
         tokenizer = Path(tokenizer)
         if not tokenizer.is_file():
             raise GenerationError(f"no tokenizer at {tokenizer}; the variant directory must hold tokenizer.json")
-        prepare_runtime(threads)
+        prepare_executorch(threads)
         with quiet_native_output():
             from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 

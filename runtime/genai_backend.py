@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import Backend, GenerationError, as_id_list, read_json
+from .backend import Backend, GenerationError, as_id_list, read_json
 
 
 class GenaiBackend(Backend):
@@ -57,6 +57,26 @@ class GenaiBackend(Backend):
         self.position = start_pos + len(tokens)
         return self.generator.get_logits()[0, -1]
 
+    def search_greedy(self, prompt: Sequence[int], new_tokens: int) -> list[int]:
+        """New tokens from onnxruntime-genai's own greedy search (it stops early at EOS, without it)."""
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+        generator = self._og.Generator(self.model, params)
+        generator.append_tokens(list(prompt))
+        while not generator.is_done():
+            generator.generate_next_token()
+        self.generator, self.position = None, 0  # forward starts over after this
+        return [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+
     def close(self) -> None:
         self.generator = None
         self.model = None
+
+
+def genai_greedy(onnx_dir: str | Path, prompt: Sequence[int], new_tokens: int) -> list[int]:
+    """New tokens from onnxruntime-genai's greedy search on an ONNX directory (stops early at EOS)."""
+    backend = GenaiBackend(onnx_dir)
+    try:
+        return backend.search_greedy(prompt, new_tokens)
+    finally:
+        backend.close()

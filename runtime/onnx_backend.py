@@ -2,7 +2,7 @@
 
 Imports no torch (a laptop needs onnxruntime, numpy and tokenizers only); a test checks it.
 
-The graph (see ../shared/DESIGN.md, "ONNX format"): input_ids, attention_mask, position_ids and
+The graph (docs/formats.md, "ONNX"): input_ids, attention_mask, position_ids and
 past_key_values.{i}.key/.value [1, kv_heads_i, past, head_dim] in; logits and present.{i}.key/.value
 [1, kv_heads_i, past+seq, head_dim] out. Every layer's KV-head count is read from the graph's static
 input shapes, so irregular models need no config. IO binding keeps the presents as onnxruntime
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import Backend, GenerationError, as_id_list, read_json
+from .backend import Backend, GenerationError, as_id_list, check_continues, read_json
 
 PAST_PATTERN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
@@ -81,12 +81,10 @@ class OnnxRuntimeBackend(Backend):
     def _empty_past(self) -> list:
         return [self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for shape in self.past_shapes]
 
-    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+    def forward_all(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        check_continues(self.position, start_pos)
         if start_pos == 0:
             self.past = self._empty_past()
-            self.position = 0
-        elif start_pos != self.position:
-            raise GenerationError(f"the cache holds {self.position} positions; cannot continue at {start_pos}")
         n = len(tokens)
         total = start_pos + n
         binding = self.binding
@@ -106,7 +104,7 @@ class OnnxRuntimeBackend(Backend):
         outputs = binding.get_outputs()
         self.past = list(outputs[1:])
         self.position = total
-        return outputs[0].numpy()[0, -1]
+        return outputs[0].numpy()[0]
 
     def close(self) -> None:
         self.past = []

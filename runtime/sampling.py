@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from effllm.errors import EffllmError
 
-class SamplingError(ValueError):
+
+class SamplingError(EffllmError):
     """Sampling options that make no sense; the message names the option and the valid range."""
 
 

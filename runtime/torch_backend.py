@@ -1,8 +1,9 @@
-"""The model directory in eager PyTorch, with the model's own KV cache (transformers' DynamicCache).
+"""The model in eager PyTorch, with a transformers DynamicCache as its KV cache.
 
-The reference the exported backends are compared with. Loads any causal LM transformers can load
-(importing effllm registers the EfficientLLM classes, so irregular models need no trust_remote_code)
-in float32, and keeps only the last position's logits (``logits_to_keep=1``).
+The reference the exported backends are compared with (effllm-generate's torch backend, and the
+torch side of effllm-export's verification, which wraps the in-memory model with ``from_model``).
+Loads any causal LM transformers can load (importing effllm registers the EfficientLLM classes, so
+irregular models need no trust_remote_code) in float32.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .generate import Backend, GenerationError, as_id_list
+from .backend import Backend, GenerationError, as_id_list, check_continues
 
 
 class TorchBackend(Backend):
@@ -21,7 +22,6 @@ class TorchBackend(Backend):
     def __init__(self, path: str | Path, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM
-        from transformers.cache_utils import DynamicCache
 
         from effllm import EfficientLLMForCausalLM  # noqa: F401  (registers the classes with the Auto classes)
 
@@ -30,10 +30,23 @@ class TorchBackend(Backend):
         path = Path(path)
         if not (path / "config.json").is_file():
             raise GenerationError(f"{path} is not a model directory (no config.json)")
+        self._attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), path)
+
+    @classmethod
+    def from_model(cls, model, path: str | Path = "<in memory>") -> TorchBackend:
+        """A backend on a model already in memory (turned to float32 and eval mode)."""
+        backend = cls.__new__(cls)
+        backend._attach(model.float(), Path(path))
+        return backend
+
+    def _attach(self, model, path: Path) -> None:
+        import torch
+        from transformers.cache_utils import DynamicCache
+
         self.path = path
         self._torch = torch
         self._cache_class = DynamicCache
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False)
         config = self.model.config
         self.eos_ids = as_id_list(config.eos_token_id)
         self.bos_id = config.bos_token_id
@@ -42,22 +55,26 @@ class TorchBackend(Backend):
         self.cache = None
         self.position = 0
 
-    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+    def _run(self, tokens: Sequence[int], start_pos: int, keep: int):
         torch = self._torch
+        check_continues(self.position, start_pos)
         if start_pos == 0:
             self.cache = self._cache_class()
-            self.position = 0
-        elif start_pos != self.position:
-            raise GenerationError(f"the cache holds {self.position} positions; cannot continue at {start_pos}")
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor([list(tokens)], dtype=torch.long),
                 past_key_values=self.cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=keep,
             )
         self.position = start_pos + len(tokens)
-        return out.logits[0, -1].float().numpy()
+        return out.logits[0].float().numpy()
+
+    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        return self._run(tokens, start_pos, keep=1)[-1]  # only the last position through the output layer
+
+    def forward_all(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        return self._run(tokens, start_pos, keep=0)
 
     def close(self) -> None:
         self.cache = None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import shutil
 import subprocess
 
@@ -14,7 +16,7 @@ from effllm.export.cli import main
 from effllm.export.verify import (
     FP32_MAX_ABS_LOGIT_DIFF,
     QUANTIZED_THRESHOLDS,
-    TorchModel,
+    TorchReference,
     VariantReport,
     verify_variant,
 )
@@ -146,6 +148,30 @@ def test_help_explains_every_flag():
     assert "runs/quickstart/model" in out.stdout and "Exit codes" in out.stdout
 
 
+def test_the_export_keeps_library_chatter_out_of_the_terminal(small_model_dir, tmp_path):
+    """torch.onnx logs "torchvision is not installed. Skipping torchvision::nms" (and more) to the process's
+    stderr through its own handler; effllm-export quiets those loggers while it exports."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    argv = [str(small_model_dir), "--format", "onnx", "--no-verify", "--max-seq-len", "64", "--out", str(tmp_path)]
+    out = subprocess.run(["effllm-export", *argv], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+    assert "torchvision" not in out.stderr and "Skipping" not in out.stderr, out.stderr
+
+
+def test_library_loggers_are_quiet_only_inside_the_block():
+    """Not process-wide: the loggers' own levels come back when the export ends."""
+    from effllm.export.pipeline import quiet_loggers
+
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    before = [logging.getLogger(name).level for name in ("torch", "torchao", "onnxscript")]
+    with quiet_loggers():
+        assert not registration.isEnabledFor(logging.WARNING)
+        assert registration.isEnabledFor(logging.ERROR)
+    assert [logging.getLogger(name).level for name in ("torch", "torchao", "onnxscript")] == before
+    assert registration.isEnabledFor(logging.WARNING)
+
+
 def test_a_failed_export_leaves_the_output_as_it_was(small_model_dir, tmp_path, monkeypatch, capsys):
     """A crash mid-export (here: the ONNX exporter, after writing part of a file) publishes nothing."""
     import effllm.export.onnx_export as onnx_export
@@ -173,7 +199,7 @@ class _Drifting:
         self.reference, self.offset = reference, offset
         self.ids: list[int] = []
 
-    def run(self, tokens, start_pos):
+    def forward_all(self, tokens, start_pos):
         self.ids = self.ids[:start_pos] + list(tokens)
         logits = self.reference.logits(self.ids)[start_pos:].copy()
         logits[:, 7] += self.offset
@@ -183,7 +209,7 @@ class _Drifting:
 @pytest.mark.parametrize("offset, fails", [(0.0, False), (3e-4, True), (1e3, True)])
 def test_verification_thresholds_fail_a_drifting_model(offset, fails):
     """The thresholds can fail: small drift breaks fp32 parity, large drift also breaks quantized checks."""
-    reference = TorchModel(tiny_model(**SHAPES["irregular"]))
+    reference = TorchReference(tiny_model(**SHAPES["irregular"]))
     prompts = {"a": [5, 9, 30, 2], "b": [100, 3]}
     windows = [[int(t) for t in np.random.default_rng(0).integers(1, 512, 60)]]
     fp32 = verify_variant(
@@ -202,7 +228,8 @@ def test_verification_thresholds_fail_a_drifting_model(offset, fails):
 
 def test_held_out_text_is_the_training_split_when_present(small_model_dir, tmp_path):
     """--eval-text wins; else effllm-train's data/heldout.bin beside the model, if intact and in vocabulary."""
-    from effllm.export.cli import build_parser, resolve_plan
+    from effllm.export.cli import build_parser
+    from effllm.export.inputs import resolve_plan
     from export_helpers import write_train_heldout
 
     run = tmp_path / "run"

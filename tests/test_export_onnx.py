@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 from effllm.export.onnx_export import export_onnx, kv_heads_per_cache_layer, past_input_names
-from effllm.export.verify import QUANTIZED_THRESHOLDS, genai_greedy
+from effllm.export.verify import QUANTIZED_THRESHOLDS
+from effllm.runtime.genai_backend import genai_greedy
 from export_helpers import (
     MAX_SEQ_LEN,
     PROMPTS,

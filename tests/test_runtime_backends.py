@@ -18,7 +18,8 @@ from effllm.export.executorch_export import export_executorch
 from effllm.export.onnx_export import export_onnx
 from effllm.export.quantize import quantize_onnx_dir
 from effllm.runtime.cli import bench_main, bench_parser, generate_main, generate_parser
-from effllm.runtime.generate import load_generator, locate
+from effllm.runtime.generate import load_generator
+from effllm.runtime.model_files import locate
 from effllm.runtime.sampling import SamplingConfig
 
 MAX_SEQ_LEN = 64
@@ -307,7 +308,8 @@ def test_bench_without_a_model_says_what_to_do(tmp_path, monkeypatch, capsys):
 
 
 def test_bench_worker_records_a_failure_instead_of_crashing(tmp_path):
-    from effllm.runtime.bench import BenchSettings, Target, run_target
+    from effllm.runtime.bench_targets import BenchSettings, Target
+    from effllm.runtime.bench_worker import run_target
 
     broken = tmp_path / "onnx"
     broken.mkdir()
@@ -317,7 +319,7 @@ def test_bench_worker_records_a_failure_instead_of_crashing(tmp_path):
 
 
 def test_weights_per_token_counts_a_gathered_embedding_as_one_row(run_dir):
-    from effllm.runtime.bench import onnx_bytes_per_token, safetensors_bytes_per_token
+    from effllm.runtime.roofline import onnx_bytes_per_token, safetensors_bytes_per_token
 
     config = json.loads((run_dir / "model" / "config.json").read_text())
     d, vocab = config["hidden_size"], config["vocab_size"]

@@ -1,0 +1,44 @@
+"""Held-out text for the quantized variants' checks, first found: --eval-text FILE; the held-out split
+effllm-train tokenized beside the model (runs/<name>/data/heldout.bin, never trained on); built-in
+Python standard-library docstrings (fine for comparing quantized with fp32 even if seen in training).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+# effllm-train's held-out split: runs/<name>/data/heldout.bin (flat token ids, dtype in meta.json)
+# beside runs/<name>/model; tokenized by the same tokenizer, never trained on.
+TRAIN_HELDOUT = ("data/heldout.bin", "data/meta.json")
+
+
+def find_train_heldout(model_dir: Path, vocab_size: int) -> Path | None:
+    """effllm-train's heldout.bin beside the model, if it is intact and matches the model's vocabulary."""
+    tokens, meta = (model_dir.resolve().parent / name for name in TRAIN_HELDOUT)
+    try:
+        info = json.loads(meta.read_text())
+        itemsize = np.dtype(info["dtype"]).itemsize
+        intact = tokens.stat().st_size == int(info["heldout_tokens"]) * itemsize
+        return tokens if intact and int(info["vocab_size"]) <= vocab_size else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def read_heldout_tokens(path: Path, limit: int) -> list[int]:
+    dtype = json.loads((path.parent / "meta.json").read_text())["dtype"]
+    return np.fromfile(path, dtype=dtype, count=limit).astype(np.int64).tolist()
+
+
+def builtin_eval_text() -> str:
+    """English text that ships with Python: standard-library docstrings (the corpus minus pydoc topics)."""
+    from effllm.corpus import python_docs_corpus
+
+    topics = len(python_docs_corpus(include_stdlib=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # inspect touching typing.io / typing.re
+        docs = python_docs_corpus(include_stdlib=True)
+    return "\n\n".join(docs[topics:])

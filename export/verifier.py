@@ -1,0 +1,85 @@
+"""effllm-export's verification step: one torch reference, the prompts and held-out windows shared by
+every variant, and each exported file run in the effllm.runtime backend that serves it.
+
+The checks and thresholds are verify.py's; this module only gathers their inputs and runs them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .heldout import builtin_eval_text, read_heldout_tokens
+from .inputs import Plan, Variant
+from .verify import EVAL_WINDOW, EVAL_WINDOWS, PROMPTS, TorchReference, VariantReport, eval_windows, verify_variant
+
+
+class Verifier:
+    """Holds the torch reference, the prompts and the held-out windows shared by all variants."""
+
+    def __init__(self, plan: Plan, model):
+        from tokenizers import Tokenizer
+
+        from .onnx_export import eos_ids
+
+        self.plan = plan
+        self.reference = TorchReference(model)
+        self.eos = eos_ids(model.config)
+        tokenizer = Tokenizer.from_file(str(plan.model_dir / "tokenizer.json"))
+        self.prompts = {p: tokenizer.encode(p).ids for p in PROMPTS}
+        self.prompts = {p: ids for p, ids in self.prompts.items() if ids}
+        if plan.heldout_bin is not None:
+            self.eval_source = str(plan.heldout_bin.resolve())
+            ids = read_heldout_tokens(plan.heldout_bin, EVAL_WINDOWS * EVAL_WINDOW)
+        elif plan.eval_text is not None:
+            self.eval_source = str(plan.eval_text.resolve())
+            ids = tokenizer.encode(plan.eval_text.read_text(errors="replace")).ids
+        else:
+            self.eval_source = "built-in: Python standard-library docstrings"
+            ids = tokenizer.encode(builtin_eval_text()).ids
+        self.windows = eval_windows(ids, plan.max_seq_len)
+
+    def verify(self, variant: Variant, target: Path) -> VariantReport:
+        """Run the variant in ``target`` through its runtime backend and check it against torch."""
+        start = time.perf_counter()
+        onnx = variant.format == "onnx"
+        path = target / ("model.onnx" if onnx else "model.pte")
+        report = VariantReport(variant.name, variant.format, variant.quantization, str(path.relative_to(target.parent)))
+        genai_greedy = None
+        if onnx and variant.quantization == "fp32":
+            from effllm.runtime.genai_backend import genai_greedy as search
+
+            def genai_greedy(prompt, new_tokens):
+                return search(target, prompt, new_tokens)
+
+        exported = self._load(path, onnx)
+        try:
+            verify_variant(
+                report, self.reference, exported, self.prompts, self.windows, self.plan.max_seq_len, self.eos,
+                genai_greedy,
+            )  # fmt: skip
+        finally:
+            exported.close()
+        report.verify_seconds = time.perf_counter() - start
+        return report
+
+    @staticmethod
+    def _load(path: Path, onnx: bool):
+        if onnx:
+            from effllm.runtime.onnx_backend import OnnxRuntimeBackend
+
+            # No busy-waiting between the many tiny decode calls: spinning threads only steal the CPU
+            # from everything else on a small machine, for no gain at these sizes.
+            return OnnxRuntimeBackend(path, spinning=False)
+        from effllm.runtime.executorch_backend import ExecuTorchBackend
+
+        return ExecuTorchBackend(path)
+
+    def summary_fields(self) -> dict:
+        return {
+            "model_dir": str(self.plan.model_dir.resolve()),
+            "max_seq_len": self.plan.max_seq_len,
+            "prompts": list(self.prompts),
+            "eval_text": self.eval_source,
+            "eval_windows": len(self.windows),
+        }

@@ -1,0 +1,79 @@
+"""The verification report: verify.json (for machines) and verify.md (for people), and the table
+effllm-export prints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from effllm.fileio import write_atomic
+
+from .verify import FP32_MAX_ABS_LOGIT_DIFF, GREEDY_TOKENS, QUANTIZED_THRESHOLDS, VariantReport
+
+LEGEND = f"""fp32 variants pass with every logit within {FP32_MAX_ABS_LOGIT_DIFF:.0e} of torch's (prefill and one decode
+step per token of a {GREEDY_TOKENS}-token greedy continuation, every prompt) and identical greedy tokens
+(for ONNX also in onnxruntime-genai). Quantized variants pass on held-out text: top-1 agreement
+with fp32 torch >= {QUANTIZED_THRESHOLDS["int8"]["min_top1_agreement"]} (int8) / >= {QUANTIZED_THRESHOLDS["int4"]["min_top1_agreement"]} (int4, 8da4w) and a perplexity increase of at
+most {QUANTIZED_THRESHOLDS["int8"]["max_ppl_increase"]:.0%} / {QUANTIZED_THRESHOLDS["int4"]["max_ppl_increase"]:.0%}; their greedy and logit columns are for information.
+"""
+
+def format_table(reports: list[VariantReport]) -> str:
+    """A Markdown table, one row per exported variant."""
+    header = (
+        "| variant | size | export | max abs logit diff | greedy = torch | genai = torch | top-1 agree "
+        "| ppl torch | ppl | ppl change | result |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in reports:
+        genai = "-" if r.genai_greedy_equal_prompts is None else f"{r.genai_greedy_equal_prompts}/{r.prompts}"
+        lines.append(
+            f"| {r.name} | {_size(r.size_bytes)} | {_secs(r.export_seconds)} | {r.max_abs_logit_diff:.2e} "
+            f"| {r.greedy_equal_prompts}/{r.prompts} | {genai} | {_num(r.top1_agreement, '.3f')} "
+            f"| {_num(r.ppl_torch, '.2f')} | {_num(r.ppl, '.2f')} | {_pct(r.ppl_increase)} "
+            f"| {'pass' if r.passed else 'FAIL: ' + '; '.join(r.failures)} |"
+        )
+    return "\n".join(lines)
+
+
+def _size(n):
+    return "-" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _secs(s):
+    return "-" if s is None else f"{s:.1f} s"
+
+
+def _num(x, fmt):
+    return "-" if x is None or math.isnan(x) else format(x, fmt)
+
+
+def _pct(x):
+    return "-" if x is None or math.isnan(x) else f"{100 * x:+.2f}%"
+
+
+def write_reports(reports: list[VariantReport], out_dir: str | Path, extra: dict | None = None) -> dict:
+    """verify.json (for machines) and verify.md (for people) in out_dir, each written atomically."""
+    out_dir = Path(out_dir)
+    summary = {
+        "passed": all(r.passed for r in reports),
+        "fp32_max_abs_logit_diff": FP32_MAX_ABS_LOGIT_DIFF,
+        "greedy_tokens": GREEDY_TOKENS,
+        "quantized_thresholds": QUANTIZED_THRESHOLDS,
+        **(extra or {}),
+        "variants": [r.as_dict() for r in reports],
+    }
+    write_atomic(out_dir / "verify.json", json.dumps(_without_nan(summary), indent=2) + "\n")
+    write_atomic(out_dir / "verify.md", "# Export verification\n\n" + format_table(reports) + "\n\n" + LEGEND)
+    return summary
+
+
+def _without_nan(value):
+    """NaN (a metric not measured) becomes null: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    return value

@@ -1,0 +1,111 @@
+"""effllm-bench's plan: which (backend, exported variant) pairs a MODEL argument offers, and the settings
+every measurement shares. Nothing is measured here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from effllm.errors import EffllmError
+
+from .model_files import BACKENDS, FORMAT_OF_BACKEND, find_model_files, sibling_model
+
+BENCH_BACKENDS = tuple(b for b in BACKENDS if b != "executorch-runner")
+DEFAULT_PROMPT_LENGTHS = (128, 512)
+DEFAULT_NEW_TOKENS = 128
+WORKER_TIMEOUT_S = 3600
+
+
+@dataclass
+class BenchSettings:
+    threads: int | None = None
+    prompt_lengths: tuple[int, ...] = DEFAULT_PROMPT_LENGTHS
+    new_tokens: int = DEFAULT_NEW_TOKENS
+    warmup: int = 1
+    repeats: int = 3
+    seed: int = 0
+    timeout_s: float = WORKER_TIMEOUT_S
+
+
+@dataclass
+class Target:
+    backend: str
+    variant: str
+    quantization: str
+    path: str  # what load_backend takes
+    file_bytes: int
+    model: str = ""  # a label for the model (several models in one report)
+    config_path: str | None = None  # config.json of the model, when found (for the .pte estimate)
+    export_dir: str | None = None  # where verify.json may be
+
+
+def quantization_of(variant: str) -> str:
+    return variant.split("-", 1)[1] if "-" in variant else "fp32"
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes of the model itself: model.onnx(+.data), model.pte, or the weight files of a model directory."""
+    if path.is_file():
+        return path.stat().st_size
+    names = ("model.onnx", "model.pte", "model.safetensors", "model-", "pytorch_model")
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.startswith(names))
+
+
+def plan_targets(
+    model: str | Path, backends: list[str] | None = None, variants: list[str] | None = None, label: str = ""
+) -> list[Target]:
+    """Every (backend, variant) pair MODEL offers, filtered by ``backends`` / ``variants``."""
+    model = Path(model)
+    files = find_model_files(model)
+    backends = list(backends or BENCH_BACKENDS)
+    unknown = [b for b in backends if b not in BENCH_BACKENDS]
+    if unknown:
+        raise EffllmError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BENCH_BACKENDS)}")
+    available = set(files.variants) | ({"model"} if files.hf else set())
+    if variants:
+        missing = [v for v in variants if v not in available]
+        if missing:
+            raise EffllmError(f"no variant {', '.join(missing)} in {model}; found: {', '.join(sorted(available))}")
+    export_dir = None
+    if files.variants:
+        export_dir = str(next(iter(files.variants.values()))[1].parent)
+    config_path = None
+    if files.hf is not None:
+        config_path = str(files.hf / "config.json")
+    elif export_dir is not None:
+        hf = sibling_model(Path(export_dir))
+        if hf is not None and (hf / "config.json").is_file():
+            config_path = str(hf / "config.json")
+    targets = []
+    for backend in backends:
+        fmt = FORMAT_OF_BACKEND[backend]
+        if fmt == "hf":
+            if files.hf is not None and (not variants or "model" in variants):
+                path = files.hf
+                targets.append(
+                    Target(backend, "model", "fp32", str(path), model_bytes(path), label, config_path, export_dir)
+                )
+            continue
+        for name, (vfmt, vdir) in files.variants.items():
+            if vfmt != fmt or (variants and name not in variants):
+                continue
+            path = vdir / "model.pte" if fmt == "pte" else vdir
+            size = model_bytes(vdir / "model.pte") if fmt == "pte" else model_bytes(vdir)
+            targets.append(
+                Target(backend, name, quantization_of(name), str(path), size, label, config_path, export_dir)
+            )
+    if not targets:
+        raise EffllmError(
+            f"nothing to benchmark in {model} for backends {', '.join(backends)}"
+            + (f" and variants {', '.join(variants)}" if variants else "")
+            + f" (found: {', '.join(sorted(available)) or 'nothing'})"
+        )
+    return targets
+
+
+def android_variants(model: Path, variants: list[str] | None) -> list[tuple[str, Path]]:
+    files = find_model_files(model)
+    found = [(name, vdir) for name, (fmt, vdir) in files.variants.items() if fmt == "pte"]
+    if variants:
+        found = [(n, p) for n, p in found if n in variants]
+    return found

@@ -1,0 +1,189 @@
+"""Where a model's files are: the torch model directory, the export variants, and which one a backend runs.
+
+MODEL may be a model directory (effllm-train: config.json, model.safetensors, tokenizer.json), an
+export directory (effllm-export: onnx/, onnx-int8/, onnx-int4/, executorch/, executorch-8da4w/), one
+variant directory of it, a model.onnx / model.pte file, or a run directory holding model/ and export/.
+A model directory finds its export beside it (model -> export, as effllm-train and effllm-export lay
+them out, or DIR -> DIR-export) and vice versa. Standard library only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backend import GenerationError
+
+BACKENDS = ("torch", "onnxruntime", "genai", "executorch", "executorch-runner")
+FORMAT_OF_BACKEND = {
+    "torch": "hf",
+    "onnxruntime": "onnx",
+    "genai": "onnx",
+    "executorch": "pte",
+    "executorch-runner": "pte",
+}
+FP32_VARIANT = {"onnx": "onnx", "pte": "executorch"}
+AUTO_ORDER = ("onnxruntime", "executorch", "torch")  # what "auto" picks, first available
+DEFAULT_EXPORT = Path("runs/quickstart/export")
+DEFAULT_MODEL = Path("runs/quickstart/model")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+@dataclass
+class Located:
+    backend: str
+    path: Path  # what load_backend takes: model dir (torch), variant dir (onnx, genai), model.pte (executorch)
+    variant: str  # "model" for torch, else the export variant's directory name
+    tokenizer: Path  # tokenizer.json
+
+
+@dataclass
+class ModelFiles:
+    """Everything found from one MODEL argument: the torch model dir and the export variants."""
+
+    hf: Path | None = None
+    variants: dict[str, tuple[str, Path]] = field(default_factory=dict)  # name -> (format, variant dir)
+
+    def formats(self) -> set[str]:
+        found = {fmt for fmt, _ in self.variants.values()}
+        return found | ({"hf"} if self.hf else set())
+
+
+def is_model_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any((path / w).is_file() for w in WEIGHT_FILES)
+
+
+def variant_format(path: Path) -> str | None:
+    if (path / "model.onnx").is_file():
+        return "onnx"
+    if (path / "model.pte").is_file():
+        return "pte"
+    return None
+
+
+def export_variants(export_dir: Path) -> dict[str, tuple[str, Path]]:
+    out = {}
+    if export_dir.is_dir():
+        for sub in sorted(export_dir.iterdir()):
+            fmt = variant_format(sub) if sub.is_dir() and not sub.name.startswith(".") else None
+            if fmt:
+                out[sub.name] = (fmt, sub)
+    return out
+
+
+def sibling_export(model_dir: Path) -> Path:
+    resolved = model_dir.resolve()
+    return resolved.parent / "export" if resolved.name == "model" else resolved.with_name(resolved.name + "-export")
+
+
+def sibling_model(export_dir: Path) -> Path | None:
+    resolved = export_dir.resolve()
+    if resolved.name == "export":
+        return resolved.parent / "model"
+    if resolved.name.endswith("-export"):
+        return resolved.with_name(resolved.name[: -len("-export")])
+    return None
+
+
+def find_model_files(model: Path) -> ModelFiles:
+    """What MODEL holds, or GenerationError naming what was expected."""
+    if not model.exists():
+        raise GenerationError(
+            f"{model} does not exist; give a model directory (effllm-train), an export directory "
+            "(effllm-export), one of its variant directories, or a model.onnx / model.pte file"
+        )
+    files = ModelFiles()
+    if model.is_file():
+        fmt = {".onnx": "onnx", ".pte": "pte"}.get(model.suffix)
+        if fmt is None:
+            raise GenerationError(f"{model} is neither a .onnx nor a .pte file; give a model or export directory")
+        files.variants[model.parent.name] = (fmt, model.parent)
+        return files
+    fmt = variant_format(model)
+    if fmt:
+        files.variants[model.name] = (fmt, model)
+        return files
+    if is_model_dir(model):
+        files.hf = model
+        files.variants = export_variants(sibling_export(model))
+        return files
+    variants = export_variants(model)
+    if variants:
+        files.variants = variants
+        hf = sibling_model(model)
+        files.hf = hf if hf is not None and is_model_dir(hf) else None
+        return files
+    if (model / "export").is_dir() or is_model_dir(model / "model"):  # a run directory (effllm-train --out)
+        files.variants = export_variants(model / "export")
+        files.hf = model / "model" if is_model_dir(model / "model") else None
+        if files.variants or files.hf:
+            return files
+    raise GenerationError(
+        f"{model} holds no model: expected config.json + model.safetensors (a model directory), model.onnx or "
+        "model.pte (an exported variant), or variant subdirectories such as onnx/ and executorch/ (effllm-export)"
+    )
+
+
+def locate(model: str | Path, backend: str = "auto", variant: str | None = None) -> Located:
+    """Which files ``backend`` runs for MODEL; GenerationError (one line, with the fix) when there are none."""
+    model = Path(model)
+    files = find_model_files(model)
+    if backend != "auto" and backend not in BACKENDS:
+        raise GenerationError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    if variant is not None and variant not in files.variants and not (variant == "model" and files.hf):
+        known = sorted(files.variants) + (["model"] if files.hf else [])
+        raise GenerationError(f"no variant {variant!r} in {model}; found: {', '.join(known) or 'none'}")
+    if backend == "auto":
+        if variant is not None:
+            fmt = "hf" if variant == "model" else files.variants[variant][0]
+            backend = {"hf": "torch", "onnx": "onnxruntime", "pte": "executorch"}[fmt]
+        else:
+            backend = next(b for b in AUTO_ORDER if FORMAT_OF_BACKEND[b] in files.formats())
+    fmt = FORMAT_OF_BACKEND[backend]
+    if fmt == "hf":
+        if files.hf is None:
+            raise GenerationError(
+                f"--backend torch needs the model directory (config.json, model.safetensors) and none was found "
+                f"from {model}; give the model directory itself (e.g. runs/quickstart/model)"
+            )
+        return Located(backend, files.hf, "model", files.hf / "tokenizer.json")
+    candidates = {name: p for name, (f, p) in files.variants.items() if f == fmt}
+    if variant == "model":
+        raise GenerationError("variant 'model' is the torch model directory; use --backend torch (or auto) for it")
+    if variant is not None:
+        if files.variants[variant][0] != fmt:
+            raise GenerationError(
+                f"variant {variant!r} is {files.variants[variant][0]}, which --backend {backend} does not run; "
+                f"choose one of: {', '.join(sorted(candidates)) or 'none found'}"
+            )
+        name = variant
+    elif candidates:
+        name = FP32_VARIANT[fmt] if FP32_VARIANT[fmt] in candidates else sorted(candidates)[0]
+    else:
+        what = "an ONNX export (model.onnx)" if fmt == "onnx" else "an ExecuTorch export (model.pte)"
+        raise GenerationError(
+            f"--backend {backend} needs {what} and none was found from {model}; run effllm-export on the model "
+            "directory first, or choose another --backend"
+        )
+    vdir = candidates[name]
+    path = vdir / "model.pte" if fmt == "pte" else vdir
+    tokenizer = vdir / "tokenizer.json"
+    if not tokenizer.is_file() and files.hf is not None:
+        tokenizer = files.hf / "tokenizer.json"
+    return Located(backend, path, name, tokenizer)
+
+
+def default_model() -> Path:
+    """The quickstart's export, else its model directory; GenerationError when neither exists."""
+    for candidate in (DEFAULT_EXPORT, DEFAULT_MODEL):
+        if candidate.exists():
+            return candidate
+    raise GenerationError(
+        f"no MODEL given and no quickstart model found ({DEFAULT_EXPORT} or {DEFAULT_MODEL}); run effllm-train "
+        "and effllm-export first, or give a model directory"
+    )
