@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import EffllmError
 from .fileio import staged_dir, write_json_atomic
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EffllmError):
     """A checkpoint that cannot be resumed from; the message says what is wrong."""
 
 

@@ -187,3 +187,62 @@ def test_quickstart_embedded_default_tiny(tmp_path):
     assert result["final_params"] <= result["target_params"] == round(0.4 * result["source_params"])
     assert result["unigram_heldout_ppl"] > 1
     shutil.rmtree(out)
+
+
+def _wait_for(pattern_root: Path, pattern: str, proc, timeout=300) -> bool:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if list(pattern_root.glob(pattern)):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigkill_while_tokenizing_and_after_a_checkpoint_then_resume(workspace, corpus, tmp_path):
+    """A preempted cluster job: SIGKILL at any moment, then `--resume` continues (data included)."""
+    import signal
+
+    ws, out = workspace, tmp_path / "run"
+    with (tmp_path / "big.jsonl").open("w") as f:  # ~2 MB: many shards of 20K characters
+        for k in range(12):
+            f.writelines(json.dumps({"text": f"{k} {doc}"}) + "\n" for doc in corpus[:300])
+    args = ["--source", ws / "source", "--data", tmp_path / "big.jsonl", "--out", out, "--shard-chars", "20K",
+            "--tokens", "12800", "--target-params", "0.6", "--prune-tokens", "6400", "--save-every", "5", *TINY_TRAIN]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "effllm.cli"]
+    proc = subprocess.Popen(cmd + [str(a) for a in args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert _wait_for(out / "data", "tokens-*/00003.json", proc), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not (out / "data" / "meta.json").exists() and not (out / "checkpoint").exists(), "killed while tokenizing"
+    finished = {p: p.stat().st_mtime_ns for p in (out / "data").glob("tokens-*/train-0000[0-3].bin")}
+    assert len(finished) == 4
+    again = run_cli(*args)  # the same command without --resume is refused, and says what to do
+    assert again.returncode == 2 and "pass --resume to continue it" in again.stderr, again.stderr[-2000:]
+
+    proc = subprocess.Popen(cmd + ["--out", str(out), "--resume", "--quiet"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert _wait_for(out / "checkpoint", "trainer.json", proc), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    stdout, _ = proc.communicate()
+    assert "no checkpoint" in stdout.decode() and (out / "data" / "meta.json").is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items()), "finished shards were reused"
+    step = json.loads((out / "checkpoint" / "trainer.json").read_text())["step"]
+    assert 5 <= step < 100
+
+    done = run_cli("--out", out, "--resume", "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["steps"] == 100 and result["final_params"] <= result["target_params"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "no step logged twice"
+
+
+def test_one_text_file_just_works(workspace, corpus, tmp_path):
+    (tmp_path / "corpus.txt").write_text("\n\n".join(corpus[:150]))
+    r = run_cli("--source", workspace / "source", "--data", tmp_path / "corpus.txt", "--out", tmp_path / "run",
+                "--tokens", "1280", *TINY_TRAIN)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "one text file: holding out its last" in r.stdout
