@@ -66,10 +66,22 @@ class TrainConfig:
         0.6, "length of the pruning phase as a fraction of --tokens; continued pretraining follows"
     )
     prune_every: int = _f(1, "optimizer steps between prune steps (the paper uses 1 or 2)")
+    budget_curve: str = _f(
+        "linear",
+        "how the parameter budget falls over the pruning phase: linear (the paper) or cubic (front-loaded, "
+        "as gradual magnitude pruning)",
+        choices=["linear", "cubic"],
+    )
     # pruning
     granularity: int = _f(1, "FFN and hidden channels are pruned in blocks of N so widths stay multiples of N")
     weight_update: str = _f("none", "local second-order weight update when a group is removed", choices=["none", "obs"])
     ema_beta: float = _f(0.99, "decay of the saliency moving averages (per optimizer step)")
+    fisher: str = _f(
+        "per_token",
+        "Fisher term of the saliency: per_token (element-wise empirical Fisher), group (the group's own "
+        "quadratic form, squared summed first-order term) or minibatch (the literal squared mini-batch gradient)",
+        choices=["per_token", "group", "minibatch"],
+    )
     min_heads_per_layer: int = _f(0, "floor: query heads kept in every layer (0 lets a layer become FFN-only)")
     min_ffn_per_layer: int = _f(0, "floor: FFN width kept in every layer (0 lets a layer become attention-only)")
     min_hidden_size: int | None = _f(None, "floor: hidden size; default: the pruning engine's default")

@@ -286,6 +286,7 @@ def train(cfg: TrainConfig) -> dict:
             min_ffn_per_layer=cfg.min_ffn_per_layer,
             min_hidden_size=cfg.min_hidden_size,
             weight_update=cfg.weight_update,
+            fisher=cfg.fisher,
         )
     except ValueError as err:
         raise TrainError(str(err)) from None
@@ -370,7 +371,9 @@ def train(cfg: TrainConfig) -> dict:
 
     optimizer = build_optimizer(model, cfg)
     pruner = Pruner(model, pruning_cfg, optimizer=optimizer) if plan.target_params is not None else None
-    budget = LinearBudget(plan.source_params, plan.target_params, plan.prune_start, plan.prune_end) if pruner else None
+    budget = None
+    if pruner is not None:
+        budget = LinearBudget(plan.source_params, plan.target_params, plan.prune_start, plan.prune_end, cfg.budget_curve)
     stream = TokenBatches(
         data_info.train_path, data_info.dtype, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
         seed=cfg.seed, rank=info.rank, world_size=info.world_size,

@@ -54,7 +54,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 WEIGHT_UPDATES = ("none", "obs")
-FISHER_ESTIMATES = ("per_token", "minibatch")
+FISHER_ESTIMATES = ("per_token", "group", "minibatch")
+TAYLOR_ORDERS = (1, 2)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class PruningConfig:
     weight_update: str = "none"
     obs_damping: float = 0.01
     fisher: str = "per_token"
+    taylor_order: int = 2
 
     def __post_init__(self) -> None:
         if int(self.granularity) < 1:
@@ -81,6 +83,8 @@ class PruningConfig:
             raise ValueError(f"weight_update must be one of {WEIGHT_UPDATES} (got {self.weight_update!r})")
         if self.fisher not in FISHER_ESTIMATES:
             raise ValueError(f"fisher must be one of {FISHER_ESTIMATES} (got {self.fisher!r})")
+        if self.taylor_order not in TAYLOR_ORDERS:
+            raise ValueError(f"taylor_order must be 1 or 2 (got {self.taylor_order}); 2 is the method's score")
         if self.obs_damping <= 0:
             raise ValueError(f"obs_damping must be > 0 (got {self.obs_damping})")
         self.granularity = int(self.granularity)

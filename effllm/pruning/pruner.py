@@ -76,7 +76,7 @@ class Pruner:
 
     def scores(self) -> dict:
         """Current saliency per unit (float64 numpy): ``attention``/``ffn`` per layer, ``stem``."""
-        return self.tracker.scores()
+        return self.tracker.scores(self.config.taylor_order)
 
     @property
     def steps(self) -> int:
@@ -98,7 +98,7 @@ class Pruner:
 
     def select(self, budget_params: int) -> Selection:
         """What ``prune_to`` would remove, without touching the model."""
-        return select_groups(self.shapes(), self.tracker.scores(), int(budget_params), self.config)
+        return select_groups(self.shapes(), self.scores(), int(budget_params), self.config)
 
     def prune_to(
         self, budget_params: int, step: int | None = None, tokens: int | None = None, batch=None
@@ -135,7 +135,7 @@ class Pruner:
         model's numbering (layer None for stem).
         """
         shapes = self.shapes()
-        scores = self.tracker.scores()
+        scores = self.scores()
         choices, seen = [], set()
         params = shapes.total()
         for g in groups:

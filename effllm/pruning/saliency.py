@@ -34,6 +34,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from .config import FISHER_ESTIMATES
 from .groups import GroupType
 
 F32 = torch.float32
@@ -133,14 +134,14 @@ class SaliencyTracker:
     def __init__(self, model, beta: float = 0.99, mode: str = "ema", fisher: str = "per_token"):
         if mode not in ("ema", "mean"):
             raise ValueError(f"mode must be 'ema' or 'mean' (got {mode!r})")
-        if fisher not in ("per_token", "minibatch"):
-            raise ValueError(f"fisher must be 'per_token' or 'minibatch' (got {fisher!r})")
+        if fisher not in FISHER_ESTIMATES:
+            raise ValueError(f"fisher must be one of {FISHER_ESTIMATES} (got {fisher!r})")
         self.model = model
         self.beta = float(beta)
         self.mode = mode
         self.fisher = fisher
         self.count = 0
-        if fisher == "per_token":
+        if fisher != "minibatch":
             install_token_counter(model.model)
         self._warned = False
         self._buffers: dict[torch.device, torch.Tensor] = {}
@@ -304,6 +305,12 @@ class SaliencyTracker:
             else:
                 new_ffn.append(None)
 
+        if self.fisher == "group":
+            # The group's own quadratic form w_G^T F w_G = E[(g . w_G)^2]: the square of the summed
+            # first-order term, not the sum of its squares (see the module docstring).
+            sb, extra_b = sa * sa, extra_a * extra_a
+            new_attn = [None if t is None else (t[0], t[0] * t[0]) for t in new_attn]
+            new_ffn = [None if t is None else (t[0], t[0] * t[0]) for t in new_ffn]
         self.count += 1
         beta = self.beta if self.mode == "ema" else 1.0 - 1.0 / self.count
         keep = 1.0 - beta
@@ -332,9 +339,10 @@ class SaliencyTracker:
             return 1.0
         return 1.0 / (1.0 - self.beta**self.count)
 
-    def scores(self) -> dict:
+    def scores(self, order: int = 2) -> dict:
         """Saliency per unit, as float64 numpy arrays on the host (one device transfer).
 
+        ``order=1`` keeps only the first-order term (the one-shot baseline's alternative score).
         Keys: ``attention`` and ``ffn`` (lists with one array per layer), ``stem`` (array),
         ``ffn_extra`` (per layer: the down_proj bias term, added when a layer's last FFN channel goes).
         """
@@ -343,7 +351,8 @@ class SaliencyTracker:
         dev = self.stem_a.device
         a = torch.cat([t.to(dev) for t in parts_a])
         b = torch.cat([t.to(dev) for t in parts_b])
-        s = ((-a + 0.5 * b).abs() * self.correction()).double().cpu().numpy()
+        taylor = -a + 0.5 * b if order == 2 else -a  # order 1: LLM-Pruner's first-order |g . w_G|
+        s = (taylor.abs() * self.correction()).double().cpu().numpy()
         out, pos = {}, 0
 
         def take(n):

@@ -1,7 +1,9 @@
-"""The parameter budget over training: continuous parameter dropping (METHOD.md "Schedule").
+"""The parameter budget over training: continuous parameter dropping (docs/method.md "Schedule").
 
-P(t) is the source size before ``start_tokens``, falls linearly to the target size at
-``end_tokens`` and stays there. A prune step calls ``Pruner.prune_to(budget(tokens))``, which
+P(t) is the source size before ``start_tokens``, falls to the target size at ``end_tokens`` and
+stays there. The fall is linear (the paper's Fig. 1c) or cubic, front-loaded as in gradual
+magnitude pruning (Zhu & Gupta 2017): P = T + (S - T) * (1 - x)^3 with x the fraction of the
+phase done, so most parameters go early while the model is large and the rest slowly. A prune step calls ``Pruner.prune_to(budget(tokens))``, which
 removes lowest-density groups until params <= P(t); so after every prune step
 P(t) - (largest group) < params <= P(t), unless a floor stops it.
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+BUDGET_CURVES = ("linear", "cubic")
+
 
 @dataclass(frozen=True)
 class LinearBudget:
@@ -20,8 +24,11 @@ class LinearBudget:
     target_params: int
     start_tokens: int
     end_tokens: int
+    curve: str = "linear"
 
     def __post_init__(self) -> None:
+        if self.curve not in BUDGET_CURVES:
+            raise ValueError(f"budget curve must be one of {BUDGET_CURVES} (got {self.curve!r})")
         if self.target_params <= 0:
             raise ValueError(f"target_params must be positive (got {self.target_params})")
         if self.target_params > self.source_params:
@@ -43,7 +50,10 @@ class LinearBudget:
             return int(self.source_params)
         span = self.end_tokens - self.start_tokens
         drop = self.source_params - self.target_params
-        return int(self.source_params - (drop * (tokens - self.start_tokens) + span - 1) // span)
+        done = tokens - self.start_tokens
+        if self.curve == "cubic":  # the part of the drop still to come: (1 - x)^3, rounded down
+            return int(self.target_params + (drop * (span - done) ** 3) // span**3)
+        return int(self.source_params - (drop * done + span - 1) // span)
 
     def __call__(self, tokens: int) -> int:
         return self.budget(tokens)
@@ -56,4 +66,4 @@ class LinearBudget:
         return tokens >= self.end_tokens
 
 
-__all__ = ["LinearBudget"]
+__all__ = ["BUDGET_CURVES", "LinearBudget"]
