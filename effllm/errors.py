@@ -30,7 +30,13 @@ def first_line(err: BaseException) -> str:
 
 
 def run_cli(prog: str, main: Callable[[], int | None]) -> int:
-    """Run a command's body; bad input -> one line on stderr and exit 2, Ctrl-C -> exit 130."""
+    """Run a command's body; bad input -> one line on stderr and exit 2, Ctrl-C -> exit 130.
+
+    Library log noise (torchao's CUDA kernels, torch's pytree) is quieted first: here, at a command's
+    entry, never on ``import effllm``."""
+    from . import quiet_library_logs
+
+    quiet_library_logs()
     try:
         return main() or 0
     except EffllmError as err:

@@ -1,6 +1,6 @@
 """Pruning-aware pretraining: minimal parameter groups, saliency, selection, surgery, weight update.
 
-One module per concept (METHOD.md holds the algorithm):
+One module per concept (docs/method.md explains the algorithm):
 
 - ``config``     PruningConfig, its defaults and why (quoted by the trainer's --help)
 - ``groups``     the three group types and what each costs (GroupType, ModelShapes, enumerate_groups)

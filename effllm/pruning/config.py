@@ -10,11 +10,11 @@ granularity = 1
     position. Attention groups are always one KV head with its query heads.
 ema_beta = 0.99
     Saliency EMAs average about 1/(1-beta) = 100 optimizer steps: long enough to smooth single
-    mini-batch gradients, short enough to follow the model as it shrinks (METHOD.md). Reported
+    mini-batch gradients, short enough to follow the model as it shrinks (docs/method.md). Reported
     saliencies are bias-corrected, so early values are not biased towards zero.
 min_heads_per_layer = 0, min_ffn_per_layer = 0
     No per-layer floor: the method lets saliency design the architecture, and a layer may become
-    FFN-only or attention-only (METHOD.md, the model format runs such layers). Set a floor when a
+    FFN-only or attention-only (the model format runs such layers). Set a floor when a
     deployment target needs one (e.g. a runtime that wants every layer to keep attention). The
     head floor counts query heads; it is met in whole KV groups (multiples of heads/kv_heads).
 min_hidden_size = None
@@ -23,7 +23,7 @@ min_hidden_size = None
     of the source), because a stem channel is by far the largest group and so rarely the least
     dense; a floor here is a deployment choice, not a method one.
 fisher = "per_token"
-    How the Fisher term B is estimated from training gradients. METHOD.md's F_i = E[g_i^2] is the
+    How the Fisher term B is estimated from training gradients. The method's F_i = E[g_i^2] is the
     empirical Fisher, an expectation over examples; the gradient of a mini-batch is a mean over its
     N tokens, so its square underestimates F by a factor of about N. "per_token" multiplies the
     squared mini-batch term by N, the number of tokens the gradient averages over (counted by a
@@ -35,13 +35,13 @@ fisher = "per_token"
     "per_token" 0.85-0.99, 0.65-0.89, 0.87-0.94: with the unscaled term the noisy first-order term
     A decides the ranking.
 weight_update = "none"
-    Plain removal. "obs" applies the local second-order update of METHOD.md ("variant B") to the
+    Plain removal. "obs" applies the local second-order update (docs/method.md, "OBS") to the
     layers that consumed the removed groups, at the cost of one extra forward on the current batch
     and a Hessian inversion per affected layer at every prune step. During pruning-aware
     pretraining the optimizer keeps adapting the surviving weights anyway, and the method
     benchmark has not shown that OBS pays, so it is off until a measurement says otherwise.
 obs_damping = 0.01
-    lambda = 1% of the mean diagonal of H = 2 X^T X (METHOD.md, as in SparseGPT).
+    lambda = 1% of the mean diagonal of H = 2 X^T X (as in SparseGPT).
 
 Hard guards (not settings): the last hidden granule is never removed, and neither is the model's
 last attention group (a model without attention cannot use context and has no KV cache to

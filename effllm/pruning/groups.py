@@ -1,4 +1,4 @@
-"""Minimal parameter groups (METHOD.md "Pruning space") and what removing each one costs.
+"""Minimal parameter groups (docs/method.md "Pruning space") and what removing each one costs.
 
 Three types, for any EfficientLLM model (irregular shapes, GQA ratios per layer, empty layers):
 

@@ -1,4 +1,4 @@
-"""Local second-order weight update when groups are removed (METHOD.md "variant B", OBS/SparseGPT).
+"""Local second-order weight update when groups are removed (docs/method.md "OBS", as in SparseGPT).
 
 For a consumer weight W (out x in) whose input columns P are removed, with the Hessian of that
 layer's inputs X on the current batch, H = 2 X^T X + lambda*I (lambda = damping * mean diag):

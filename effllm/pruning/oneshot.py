@@ -1,6 +1,6 @@
 """One-shot pruning: the LLM-Pruner-style baseline the method benchmark compares against.
 
-The same saliency as during pruning-aware pretraining (METHOD.md), but from K calibration
+The same saliency as during pruning-aware pretraining (docs/method.md), but from K calibration
 batches at the final weights, averaged with equal weight (no EMA decay), and the model pruned
 to the target in one selection. Recovery training afterwards is the caller's business.
 """

@@ -1,4 +1,4 @@
-"""Per-group saliency from the training backward pass (METHOD.md "Saliency").
+"""Per-group saliency from the training backward pass (docs/method.md "Saliency").
 
 For every minimal group G, two running statistics of the current gradient g and weights w:
 

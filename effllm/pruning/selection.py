@@ -1,4 +1,4 @@
-"""Which groups go: the globally lowest saliency density, across types and layers (METHOD.md).
+"""Which groups go: the globally lowest saliency density, across types and layers (docs/method.md).
 
 Groups of different types remove very different numbers of parameters, so they are compared by
 density = saliency / parameters removed. Greedy, one group at a time, until the parameter count
