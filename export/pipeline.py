@@ -47,6 +47,20 @@ def quiet_loggers(names=LIBRARY_LOGGERS, level: int = logging.ERROR):
 
 
 @contextlib.contextmanager
+def quiet_progress_bars():
+    """No transformers progress bar ("Loading weights") meanwhile; its setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def quiet_libraries(native: bool = False):
     """Keep the exporters' own chatter off the terminal while they run: torch.onnx's step lines (stdout),
     warnings, and library log records below ERROR (torch.onnx's "torchvision is not installed.
@@ -75,7 +89,8 @@ def run_export(plan: Plan) -> int:
     from .quantize import quantize_onnx_dir
 
     say(f"effllm-export: {plan.model_dir} -> {plan.out} ({', '.join(v.name for v in plan.variants)})")
-    model = EfficientLLMForCausalLM.from_pretrained(plan.model_dir, dtype="float32").eval().requires_grad_(False)
+    with quiet_progress_bars():
+        model = EfficientLLMForCausalLM.from_pretrained(plan.model_dir, dtype="float32").eval().requires_grad_(False)
     say(architecture_summary(model.config))
 
     staging = plan.out / f".staging-{os.getpid()}"

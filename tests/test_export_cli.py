@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 
@@ -157,6 +158,9 @@ def test_the_export_keeps_library_chatter_out_of_the_terminal(small_model_dir, t
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "onnx" / "model.onnx").is_file()
     assert "torchvision" not in out.stderr and "Skipping" not in out.stderr, out.stderr
+    assert not re.search(r"^[DIWE]\d{4} ", out.stderr, re.M), out.stderr  # torch's log line format
+    assert "Loading weights" not in out.stderr  # transformers' progress bar
+    assert out.stderr.startswith("effllm-export: ") and out.stderr.rstrip().endswith("(verification skipped: --no-verify)")
 
 
 def test_library_loggers_are_quiet_only_inside_the_block():
