@@ -485,12 +485,17 @@ def train(cfg: TrainConfig) -> dict:
                     # The DDP reducer holds the parameters' grad accumulators too: release it first.
                     net = None
                     gc.collect()
-                    records = pruner.prune_to(limit, step=step, tokens=tokens_seen, batch=batch[:, :-1])
+                    records = pruner.prune_to(
+                        limit, step=step, tokens=tokens_seen, batch=batch[:, :-1], exact=limit <= plan.target_params
+                    )
                     if records:
                         prune_log.write(records)
                         if cfg.check_decisions or info.enabled:
                             run_state["decisions_digest"] = D.check_same_decisions(records, info)
                     net = make_net()
+            if compile_now() and not net_compiled:
+                net = None
+                net = make_net()  # the pruning phase has just ended
             elapsed = time.perf_counter() - step_start
             run_state["train_seconds"] += elapsed
             pt = run_state["phase_time"].setdefault(phase, [0.0, 0])

@@ -41,7 +41,7 @@ def one_shot_prune(model, batches: Iterable, target_params: int, cfg: PruningCon
         last, tokens = ids, tokens + ids.numel()
     if pruner.steps == 0:
         raise ValueError("one_shot_prune needs at least one calibration batch")
-    records = pruner.prune_to(int(target_params), step=0, tokens=0, batch=last)
+    records = pruner.prune_to(int(target_params), step=0, tokens=0, batch=last, exact=True)
     pruner.close()
     model.eval()
     zero_grads(model)

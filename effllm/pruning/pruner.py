@@ -96,14 +96,17 @@ class Pruner:
         """Detach from the model (removes the token-counting hook); the Pruner is unusable afterwards."""
         self.tracker.close()
 
-    def select(self, budget_params: int) -> Selection:
+    def select(self, budget_params: int, exact: bool = False) -> Selection:
         """What ``prune_to`` would remove, without touching the model."""
-        return select_groups(self.shapes(), self.scores(), int(budget_params), self.config)
+        return select_groups(self.shapes(), self.scores(), int(budget_params), self.config, exact=exact)
 
     def prune_to(
-        self, budget_params: int, step: int | None = None, tokens: int | None = None, batch=None
+        self, budget_params: int, step: int | None = None, tokens: int | None = None, batch=None, exact: bool = False
     ) -> list[dict]:
         """Remove lowest-density groups until the parameter count is <= ``budget_params``.
+
+        ``exact``: this budget is the final target; land within the smallest group of it (see
+        ``selection.select_groups``).
 
         Stops early (``self.floor_hit``, a warning, ``floor_hit`` in the records) when floors stop
         it; never raises for that. ``batch`` ([B, T] token ids) is used only by weight_update="obs".
@@ -112,7 +115,7 @@ class Pruner:
             return []
         if self.tracker.count == 0:
             self._warn_once("nosal", "pruning before any update_saliency(): groups are chosen without saliency")
-        selection = self.select(budget_params)
+        selection = self.select(budget_params, exact=exact)
         if _distributed():
             box = [selection]
             dist.broadcast_object_list(box, src=0)  # belt and braces: the saliency is already identical

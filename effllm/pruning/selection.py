@@ -65,8 +65,16 @@ class _Candidates:
         self._cache = None
 
 
-def select_groups(shapes: ModelShapes, scores: dict, budget: int, cfg: PruningConfig) -> Selection:
-    """Pick lowest-density groups until ``shapes.total() <= budget`` or the floors stop it."""
+def select_groups(
+    shapes: ModelShapes, scores: dict, budget: int, cfg: PruningConfig, exact: bool = False
+) -> Selection:
+    """Pick lowest-density groups until ``shapes.total() <= budget`` or the floors stop it.
+
+    ``exact``: the budget is the final target, so land on it: when the lowest-density group would
+    overshoot it by more than the smallest group, take the lowest-density group that fits instead
+    (at most the smallest group's size under the target). Only for the last selection: applied at
+    every prune step it would keep large groups (a KV head, a stem channel) out of reach for good.
+    """
     shapes = shapes.copy()
     params = before = shapes.total()
     n_layers, gran = shapes.num_layers, cfg.granularity
@@ -83,7 +91,7 @@ def select_groups(shapes: ModelShapes, scores: dict, budget: int, cfg: PruningCo
     choices: list[Choice] = []
     floor_hit = False
     while params > budget:
-        best_key, best = None, None
+        candidates = []
         total_kv = sum(shapes.kv_heads)
         for i in range(n_layers):
             if (
@@ -93,9 +101,7 @@ def select_groups(shapes: ModelShapes, scores: dict, budget: int, cfg: PruningCo
             ):
                 pos, sal = attn[i].peek(1)
                 size = shapes.attention_size(i)
-                key = (sal / size, 0, i, pos[0])
-                if best_key is None or key < best_key:
-                    best_key, best = key, (GroupType.ATTENTION, i, 1, pos, sal, size)
+                candidates.append(((sal / size, 0, i, pos[0]), (GroupType.ATTENTION, i, 1, pos, sal, size)))
             width = shapes.ffn[i]
             if width:
                 n = block_units(width, gran)
@@ -104,19 +110,20 @@ def select_groups(shapes: ModelShapes, scores: dict, budget: int, cfg: PruningCo
                     if n == width:
                         sal += float(extra[i])
                     size = shapes.ffn_size(i, n)
-                    key = (sal / size, 1, i, min(pos))
-                    if best_key is None or key < best_key:
-                        best_key, best = key, (GroupType.FFN, i, n, pos, sal, size)
+                    candidates.append(((sal / size, 1, i, min(pos)), (GroupType.FFN, i, n, pos, sal, size)))
         n = block_units(shapes.hidden, gran)
         if shapes.hidden - n >= hidden_floor:
             pos, sal = stem.peek(n)
             size = shapes.stem_size(n)
-            key = (sal / size, 2, n_layers, min(pos))
-            if best_key is None or key < best_key:
-                best_key, best = key, (GroupType.STEM, None, n, pos, sal, size)
-        if best is None:
+            candidates.append(((sal / size, 2, n_layers, min(pos)), (GroupType.STEM, None, n, pos, sal, size)))
+        if not candidates:
             floor_hit = True
             break
+        best = min(candidates)[1]
+        if exact:
+            excess, slack = params - budget, min(c[1][5] for c in candidates)
+            if best[5] > excess + slack:
+                best = min(c for c in candidates if c[1][5] <= excess + slack)[1]
         kind, layer, n, pos, sal, size = best
         removed = shapes.remove(kind, layer, n)
         assert removed == size
