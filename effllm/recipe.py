@@ -82,6 +82,9 @@ class TrainConfig:
         "quadratic form, squared summed first-order term) or minibatch (the literal squared mini-batch gradient)",
         choices=["per_token", "group", "minibatch"],
     )
+    stem_price: float = _f(
+        1.0, "multiplies hidden-channel saliency in selection (< 1 narrows the hidden size earlier; see docs/method.md)"
+    )
     min_heads_per_layer: int = _f(0, "floor: query heads kept in every layer (0 lets a layer become FFN-only)")
     min_ffn_per_layer: int = _f(0, "floor: FFN width kept in every layer (0 lets a layer become attention-only)")
     min_hidden_size: int | None = _f(None, "floor: hidden size; default: the pruning engine's default")

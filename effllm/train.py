@@ -287,6 +287,7 @@ def train(cfg: TrainConfig) -> dict:
             min_hidden_size=cfg.min_hidden_size,
             weight_update=cfg.weight_update,
             fisher=cfg.fisher,
+            stem_price=cfg.stem_price,
         )
     except ValueError as err:
         raise TrainError(str(err)) from None

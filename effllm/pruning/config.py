@@ -40,6 +40,13 @@ weight_update = "none"
     and a Hessian inversion per affected layer at every prune step. During pruning-aware
     pretraining the optimizer keeps adapting the surviving weights anyway, and the method
     benchmark has not shown that OBS pays, so it is off until a measurement says otherwise.
+stem_price = 1.0
+    Selection multiplies the saliency of hidden (stem) channels by this factor. Measured on the method
+    study's trained source (bench/results/stem_saliency.md): removing a hidden channel really costs
+    2-5x more loss per parameter than an FFN channel or attention group, and the element-wise
+    estimate overprices it by a further ~3x relative to FFN channels (the group-level Fisher and a
+    single-cut estimate do not fix that). Values < 1 prune the hidden size earlier; 1 keeps the
+    estimate as it is. The method study measures what ~0.3 (the measured overpricing) does.
 obs_damping = 0.01
     lambda = 1% of the mean diagonal of H = 2 X^T X (as in SparseGPT).
 
@@ -69,6 +76,7 @@ class PruningConfig:
     obs_damping: float = 0.01
     fisher: str = "per_token"
     taylor_order: int = 2
+    stem_price: float = 1.0
 
     def __post_init__(self) -> None:
         if int(self.granularity) < 1:
@@ -85,6 +93,8 @@ class PruningConfig:
             raise ValueError(f"fisher must be one of {FISHER_ESTIMATES} (got {self.fisher!r})")
         if self.taylor_order not in TAYLOR_ORDERS:
             raise ValueError(f"taylor_order must be 1 or 2 (got {self.taylor_order}); 2 is the method's score")
+        if not self.stem_price > 0:
+            raise ValueError(f"stem_price must be > 0 (got {self.stem_price}); 1 prices hidden channels as measured")
         if self.obs_damping <= 0:
             raise ValueError(f"obs_damping must be > 0 (got {self.obs_damping})")
         self.granularity = int(self.granularity)

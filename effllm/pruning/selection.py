@@ -80,7 +80,7 @@ def select_groups(
     n_layers, gran = shapes.num_layers, cfg.granularity
     attn = [_Candidates(s) for s in scores["attention"]]
     ffn = [_Candidates(s) for s in scores["ffn"]]
-    stem = _Candidates(scores["stem"])
+    stem = _Candidates(np.asarray(scores["stem"], dtype=np.float64) * cfg.stem_price)
     extra = np.asarray(scores.get("ffn_extra", np.zeros(n_layers)), dtype=np.float64)
     for i in range(n_layers):
         if attn[i].scores.size != shapes.kv_heads[i] or ffn[i].scores.size != shapes.ffn[i]:
