@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
         help="print shapes, steps, tokens, the pruning schedule, memory per device (DDP and FSDP2) and time; "
         "offline for the sources in effllm.known_sources",
     )  # fmt: skip
+    p.add_argument(
+        "--tokenize-only", action="store_true",
+        help="tokenize --data into <out>/data with the source's tokenizer and exit (tokenize once on a CPU "
+        "machine; the run started later with the same --out, or any run given --data <out>/data, reuses it)",
+    )  # fmt: skip
     plan.add_argument("--world-size", type=int, default=None,
                       help="GPUs to plan for (default: WORLD_SIZE under torchrun, else 1)")  # fmt: skip
     plan.add_argument("--assume-tokens-per-s", type=float, default=None,
@@ -69,8 +74,8 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
     out = Path(args.out or TrainConfig.out)
     run = out / "run.json"
     if not run.is_file():
-        if out.is_dir() and not [p for p in out.iterdir() if p.name != "source"]:
-            # killed before the run was recorded (while the quickstart source trained): start it
+        if out.is_dir() and not [p for p in out.iterdir() if p.name not in ("source", "data")]:
+            # no run recorded yet (killed while the quickstart source trained, or --tokenize-only): start it
             print(f"{out} holds no run yet: starting it", flush=True)
             return replace(build_config(args.recipe, args), resume=False)
         raise RecipeError(f"--resume: {out} holds no effllm run (no run.json); check --out")
@@ -90,21 +95,15 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
     return replace(stored, resume=True, overwrite=False)
 
 
-def quiet_import_noise() -> None:
-    """transformers imports torchao when it is installed; torchao logs warnings about its optional GPU
-    kernels, and torch about its Enum registrations, on every start. They are not about the run, and
-    they would bury the one-line error of a bad input."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def train_main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    quiet_import_noise()
+    from . import quiet_library_logs
+
+    quiet_library_logs()  # before transformers is imported below (run_cli does it too, later)
     if args.dry_run:
         return run_cli("effllm-train", lambda: dry_run(args))
+    if args.tokenize_only:
+        return run_cli("effllm-train", lambda: tokenize_only(args))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar tracks the run; per-file load/save bars are noise
@@ -127,6 +126,33 @@ def train_main(argv: list[str] | None = None) -> int:
         return run_cli("effllm-train", body)
     finally:
         D.shutdown_if_initialized()
+
+
+def tokenize_only(args: argparse.Namespace) -> int:
+    """--tokenize-only: the data preparation of a run, without the run."""
+    from transformers import AutoTokenizer
+
+    from .data import prepare_tokens
+    from .errors import first_line
+
+    cfg = resume_config(args) if args.resume else build_config(args.recipe, args)
+    if cfg.source == QUICKSTART_SOURCE and not cfg.init_config:
+        raise RecipeError("--tokenize-only needs a --source with a tokenizer (the quickstart trains its own first)")
+    where = cfg.source
+    if cfg.init_config:
+        where = str(Path(cfg.init_config) if Path(cfg.init_config).is_dir() else Path(cfg.init_config).parent)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"cannot load the tokenizer of {where} ({first_line(err)}); check --source") from None
+    info = prepare_tokens(
+        cfg.data, tokenizer, Path(cfg.out) / "data", heldout_fraction=cfg.heldout_fraction,
+        max_tokens=cfg.max_data_tokens, text_field=cfg.text_field, split=cfg.data_split, show_progress=not cfg.quiet,
+        num_proc=cfg.num_proc, shard_chars=cfg.shard_chars,
+    )  # fmt: skip
+    print(f"{info.train_tokens:,} train and {info.heldout_tokens:,} held-out tokens in {info.meta_path.parent}; "
+          f"a run with --out {cfg.out}, or any run given --data {info.meta_path.parent}, reads them")  # fmt: skip
+    return 0
 
 
 def dry_run(args: argparse.Namespace) -> int:

@@ -167,31 +167,26 @@ def flops_per_token(config, seq_len: int, params: int | None = None) -> float:
 def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None = None, gpu_tflops: float = 989.0,
               mfu: float = 0.35, gpu_memory_gib: float = 80.0) -> RunPlan:  # fmt: skip
     """Everything ``--dry-run`` prints; raises RecipeError (or the source's error) on bad input."""
-    from .pruning import LinearBudget
-    from .train import resolve_target
+    from . import pruning
+
+    # ParameterBudget, or LinearBudget (its name before) where the pruning package predates the rename
+    budget_class = getattr(pruning, "ParameterBudget", None) or pruning.LinearBudget
+    from .train import pruning_end, resolve_target
 
     config, where = source_config(cfg)
     count = count_parameters(config)
     source_params = count.total
     notes = []
-    try:
-        target = resolve_target(cfg.target_params, source_params, None)
-    except ValueError as err:
-        raise RecipeError(str(err)) from None
+    target = resolve_target(cfg.target_params, source_params, None)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world_size
     total_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
-    prune_tokens = cfg.prune_tokens if cfg.prune_tokens is not None else int(cfg.prune_fraction * cfg.tokens)
-    prune_end = cfg.prune_start + prune_tokens
-    if target is not None and prune_end > cfg.tokens:
-        raise RecipeError(
-            f"the pruning phase ends at {prune_end:,} tokens, after the run's {cfg.tokens:,}; "
-            "lower --prune-start/--prune-tokens or raise --tokens"
-        )
+    prune_end = pruning_end(cfg, target)
+    prune_tokens = prune_end - cfg.prune_start
     curve = getattr(cfg, "budget_curve", "linear")
     points: list[tuple[int, int]] = []
     prune_steps = 0
     if target is not None:
-        budget = LinearBudget(source_params, target, cfg.prune_start, prune_end, curve)
+        budget = budget_class(source_params, target, cfg.prune_start, prune_end, curve)
         marks = [0, cfg.prune_start] + [cfg.prune_start + prune_tokens * i // 4 for i in (1, 2, 3)] + [prune_end]
         points = [(t, budget.budget(t)) for t in sorted(set(marks))]
         first = cfg.prune_start // tokens_per_step

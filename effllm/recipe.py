@@ -102,7 +102,7 @@ class TrainConfig:
     dtype: str = _f(
         "auto", "compute dtype: auto = bf16 autocast on CUDA, fp32 on CPU", choices=["auto", "fp32", "bf16"]
     )
-    compile: bool = _f(False, "torch.compile the model (recompiles after every prune step; best for long phases)")
+    compile: bool = _f(False, "torch.compile the model once the pruning phase is over (its shapes change until then)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     # bookkeeping
     eval_every: int = _f(50, "optimizer steps between held-out evaluations")

@@ -128,8 +128,9 @@ def check_out_dir(out: Path, cfg: TrainConfig) -> None:
         if not (out / RUN_MARKER).is_file():
             raise TrainError(f"--resume: {out} holds no effllm run (no {RUN_MARKER}); check --out")
         return
-    # The quickstart's cached source lives in <out>/source and is not a run of its own.
-    if not out.exists() or not [p for p in out.iterdir() if p.name != "source"] or cfg.overwrite:
+    # The quickstart's cached source lives in <out>/source, and --tokenize-only writes <out>/data
+    # before any run: neither is a run of its own.
+    if not out.exists() or not [p for p in out.iterdir() if p.name not in ("source", "data")] or cfg.overwrite:
         return
     marker = out / RUN_MARKER
     what = "another effllm run" if marker.is_file() else "files that are not an effllm run"
@@ -161,6 +162,18 @@ def resolve_target(target: str | None, source_params: int, min_params: int | Non
             f"raise --target-params or lower --min-heads-per-layer/--min-ffn-per-layer/--min-hidden-size"
         )
     return target_params
+
+
+def pruning_end(cfg: TrainConfig, target_params: int | None) -> int:
+    """The token count at which the pruning phase ends; it must lie within the run."""
+    prune_tokens = cfg.prune_tokens if cfg.prune_tokens is not None else int(cfg.prune_fraction * cfg.tokens)
+    prune_end = cfg.prune_start + prune_tokens
+    if target_params is not None and prune_end > cfg.tokens:
+        raise TrainError(
+            f"the pruning phase ends at {prune_end:,} tokens, after the run's {cfg.tokens:,}; "
+            f"lower --prune-start/--prune-tokens or raise --tokens"
+        )
+    return prune_end
 
 
 class StopRequested:
@@ -301,13 +314,7 @@ def train(cfg: TrainConfig) -> dict:
             probe.close()  # removes its token-counting hook; the run's own Pruner installs one
         target_params = resolve_target(cfg.target_params, source_params, min_params)
         total_steps = max(1, math.ceil(cfg.tokens / world_tokens_per_step))
-        prune_tokens = cfg.prune_tokens if cfg.prune_tokens is not None else int(cfg.prune_fraction * cfg.tokens)
-        prune_end = cfg.prune_start + prune_tokens
-        if target_params is not None and prune_end > cfg.tokens:
-            raise TrainError(
-                f"the pruning phase ends at {prune_end:,} tokens, after the run's {cfg.tokens:,}; "
-                f"lower --prune-start/--prune-tokens or raise --tokens"
-            )
+        prune_end = pruning_end(cfg, target_params)
         plan = Plan(
             cfg.init_config or cfg.source,
             source_params,
@@ -399,13 +406,22 @@ def train(cfg: TrainConfig) -> dict:
         for log in (metrics, prune_log, evals):
             log.truncate_after(-1)
 
+    def compile_now() -> bool:
+        """--compile takes effect once the shapes stop changing: after the pruning phase (every prune
+        step would recompile, and dynamo gives up compiling after a few recompilations; docs/scale.md)."""
+        return cfg.compile and (pruner is None or tokens_seen >= plan.prune_end)
+
+    net_compiled = False
+
     def make_net():
+        nonlocal net_compiled
         net = model
         if info.enabled:
             net = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
-        if cfg.compile:
+        net_compiled = compile_now()
+        if net_compiled:
             net = torch.compile(net)
         return net
 

@@ -102,3 +102,21 @@ def test_dry_run_unknown_source_offline_is_one_line(tmp_path):
            "--dry-run"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+
+
+def test_gpu_check_runs_at_toy_size_on_cpu(tmp_path):
+    """bench/gpu_check.py --toy: pruning-aware training (compile off and on), then ONNX export parity."""
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run([sys.executable, bench, "--toy", "--out", str(out)], capture_output=True, text=True, env=env,
+                       timeout=900)  # fmt: skip
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["size"] == "toy" and [run["compile"] for run in result["runs"]] == [False, True]
+    for run in result["runs"]:
+        assert run["final_params"] <= run["source_params"] // 2 + 1 and run["tokens_per_s_after"] > 0
+    assert result["export"]["exit_code"] == 0 and result["export"]["verify"] is not None
+    assert out.with_suffix(".md").read_text().startswith("# GPU check")

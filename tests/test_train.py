@@ -240,9 +240,14 @@ def test_sigkill_while_tokenizing_and_after_a_checkpoint_then_resume(workspace, 
     assert steps == sorted(set(steps)), "no step logged twice"
 
 
-def test_one_text_file_just_works(workspace, corpus, tmp_path):
+def test_one_text_file_just_works_and_tokenize_only(workspace, corpus, tmp_path):
     (tmp_path / "corpus.txt").write_text("\n\n".join(corpus[:150]))
-    r = run_cli("--source", workspace / "source", "--data", tmp_path / "corpus.txt", "--out", tmp_path / "run",
-                "--tokens", "1280", *TINY_TRAIN)  # fmt: skip
+    args = ["--source", workspace / "source", "--data", tmp_path / "corpus.txt", "--out", tmp_path / "run",
+            "--tokens", "1280", *TINY_TRAIN]  # fmt: skip
+    tok = run_cli(*args, "--tokenize-only")
+    assert tok.returncode == 0, tok.stderr[-3000:]
+    assert "one text file: holding out its last" in tok.stdout and (tmp_path / "run" / "data" / "meta.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["data"]
+    r = run_cli(*[a for a in args if a != "--quiet"])  # the run then starts in the same --out and reuses the data
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "one text file: holding out its last" in r.stdout
+    assert "reusing tokenized data" in r.stdout and (tmp_path / "run" / "results.json").is_file()
