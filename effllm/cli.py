@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
                       help="GPUs to plan for (default: WORLD_SIZE under torchrun, else 1)")  # fmt: skip
     plan.add_argument("--assume-tokens-per-s", type=float, default=None,
                       help="training throughput of all GPUs together, for the time estimate (default: from --mfu)")  # fmt: skip
+    plan.add_argument("--measure-steps", type=int, default=0,
+                      help="time this many micro-batches of the source's shapes (random weights) on this machine's "
+                      "device and plan with that throughput (default: 0, no measurement)")  # fmt: skip
     plan.add_argument("--gpu-tflops", type=float, default=989.0,
                       help="peak dense bf16 TFLOP/s of one GPU (default: 989, an H100 SXM)")  # fmt: skip
     plan.add_argument("--mfu", type=float, default=0.35,
@@ -166,7 +169,7 @@ def dry_run(args: argparse.Namespace) -> int:
     if world < 1:
         raise RecipeError(f"--world-size {world} is not positive; pass the number of GPUs")
     plan = make_plan(cfg, world_size=world, tokens_per_s=args.assume_tokens_per_s, gpu_tflops=args.gpu_tflops,
-                     mfu=args.mfu, gpu_memory_gib=args.gpu_memory)  # fmt: skip
+                     mfu=args.mfu, gpu_memory_gib=args.gpu_memory, measure_steps=args.measure_steps)  # fmt: skip
     print(format_plan(plan))
     return 0
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ __all__ = [
 FORMAT_VERSION = 2
 SHARD_CHARS = 16 << 20  # characters of text per chunk: ~4M tokens, one pair of shard files
 READ_CHUNK = 1 << 24  # tokens per chunk when scanning shards
+WAIT_POLL_S = 2.0  # how often a waiting rank looks for the data rank 0 prepares
 OPEN_SHARDS = 64  # memory maps kept open at a time (each holds a file descriptor)
 
 
@@ -279,6 +281,7 @@ def prepare_tokens(
     show_progress: bool = True,
     num_proc: int = 1,
     shard_chars: int | None = None,
+    wait: bool = False,
 ) -> TokenData:
     """Tokenize ``data`` into shards in ``out_dir`` (see the module docstring), or reuse what is there.
 
@@ -289,6 +292,9 @@ def prepare_tokens(
     the end of the document (or long-document piece) that reaches it. ``num_proc`` processes
     tokenize; the result is byte-identical for any number. Raises DataError on bad input, leaving
     ``out_dir`` as it was; a killed preparation leaves finished chunks that the next call reuses.
+    ``wait=True`` tokenizes nothing: it waits until another process (DDP rank 0) has written the
+    data of this fingerprint, checking the files, not a collective (which would time out: a large
+    corpus takes hours).
     """
     from tqdm.auto import tqdm
 
@@ -326,6 +332,9 @@ def prepare_tokens(
     )
     fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     meta = _read_meta(out, fp)
+    while wait and meta is None:
+        time.sleep(WAIT_POLL_S)
+        meta = _read_meta(out, fp)
     if meta is not None:
         if show_progress:  # quiet callers (other DDP ranks, --quiet) print nothing
             print(f"reusing tokenized data in {out} (fingerprint {fp}: same sources and tokenizer)")

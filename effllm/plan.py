@@ -164,8 +164,55 @@ def flops_per_token(config, seq_len: int, params: int | None = None) -> float:
     return 6 * matmul * scale + attention * scale
 
 
+def measure(config, cfg: TrainConfig, steps: int) -> dict:
+    """Tokens/s of one device training a randomly initialised model of the source's shapes, as
+    effllm-train does (fp32 weights, bf16 autocast on CUDA, AdamW), over ``steps`` micro-batches
+    after one warm-up; and the peak memory that took on CUDA. Scaled by the world size it assumes
+    DDP scales linearly (gradient all-reduce overlapped with backward)."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from .modeling_effllm import EfficientLLMForCausalLM
+    from .train import build_optimizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    torch.manual_seed(0)
+    model = EfficientLLMForCausalLM(config).to(device).train()
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    optimizer = build_optimizer(model, cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        batch = torch.randint(0, config.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(batch[:, :-1], use_cache=False).logits
+        F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "tokens_per_s": steps * cfg.batch_size * cfg.seq_len / seconds,
+        "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
+
+
 def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None = None, gpu_tflops: float = 989.0,
-              mfu: float = 0.35, gpu_memory_gib: float = 80.0) -> RunPlan:  # fmt: skip
+              mfu: float = 0.35, gpu_memory_gib: float = 80.0, measure_steps: int = 0) -> RunPlan:  # fmt: skip
     """Everything ``--dry-run`` prints; raises RecipeError (or the source's error) on bad input."""
     from . import pruning
 
@@ -176,7 +223,7 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
     config, where = source_config(cfg)
     count = count_parameters(config)
     source_params = count.total
-    notes = []
+    notes: list[str] = []
     target = resolve_target(cfg.target_params, source_params, None)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world_size
     total_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
@@ -195,8 +242,20 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
     # time: integrate FLOPs along the budget (64 slices of the run)
     source_flops = flops_per_token(config, cfg.seq_len)
     slices, seconds = 64, 0.0
+    if measure_steps > 0:
+        measured = measure(config, cfg, measure_steps)
+        tokens_per_s = measured["tokens_per_s"] * world_size
+        peak = measured["peak_bytes"]
+        notes.append(
+            f"measured {measured['tokens_per_s']:,.0f} tokens/s on one device ({measured['device']}, "
+            f"{measure_steps} micro-batches, random weights)"
+            + (f"; peak memory {peak / GIB:.1f} GiB (the estimate for DDP on one device: see above)" if peak else "")
+        )
+        throughput_from = f"measured on one device x {world_size}"
     if tokens_per_s:
-        rate_at_source, throughput_from = tokens_per_s, f"--assume-tokens-per-s {tokens_per_s:,.0f} (for the source)"
+        rate_at_source = tokens_per_s
+        if not measure_steps:
+            throughput_from = f"--assume-tokens-per-s {tokens_per_s:,.0f} (for the source)"
     else:
         rate_at_source = mfu * gpu_tflops * 1e12 * world_size / source_flops
         throughput_from = f"estimated: {world_size} GPU(s) x {gpu_tflops:g} TFLOP/s x MFU {mfu:g}"

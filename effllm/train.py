@@ -342,11 +342,12 @@ def train(cfg: TrainConfig) -> dict:
     data_args = dict(heldout_fraction=cfg.heldout_fraction, max_tokens=cfg.max_data_tokens, text_field=cfg.text_field,
                      split=cfg.data_split, num_proc=cfg.num_proc, shard_chars=cfg.shard_chars)  # fmt: skip
     try:
-        if info.is_main:
-            data_info = prepare_tokens(cfg.data, tokenizer, data_dir, show_progress=not cfg.quiet, **data_args)
+        # the other ranks wait for the files, not in a collective: tokenizing can take hours, far
+        # longer than a barrier's timeout (if rank 0 fails, torchrun stops them)
+        main = info.is_main
+        data_info = prepare_tokens(cfg.data, tokenizer, data_dir, show_progress=main and not cfg.quiet,
+                                   wait=not main, **data_args)  # fmt: skip
         D.barrier(info)
-        if not info.is_main:
-            data_info = prepare_tokens(cfg.data, tokenizer, data_dir, show_progress=False, **data_args)
     except DataError:
         if early_marker:  # bad input leaves the directory as it was
             marker.unlink(missing_ok=True)

@@ -455,3 +455,22 @@ def test_sigkill_during_tokenization_then_resume(tmp_path, tokenizer):
         p.read_bytes() for p in fresh.train_paths + fresh.heldout_paths
     ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", resumed.train_paths[0].parent.name]
+
+
+def test_waiting_reader_gets_the_data_once_it_is_written(tmp_path, tokenizer, monkeypatch):
+    """DDP ranks other than 0 wait for the files (wait=True), and never tokenize themselves."""
+    import threading
+
+    import effllm.data as data
+
+    monkeypatch.setattr(data, "WAIT_POLL_S", 0.02)
+    write_mixed_dir(tmp_path / "src")
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(info=prepare_tokens(
+        str(tmp_path / "src"), tokenizer, tmp_path / "out", 0.25, show_progress=False, wait=True)))  # fmt: skip
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive() and not (tmp_path / "out").exists(), "it waits, and writes nothing"
+    info = prepare_tokens(str(tmp_path / "src"), tokenizer, tmp_path / "out", 0.25, show_progress=False)
+    reader.join(30)
+    assert got["info"].reused and got["info"].train_paths == info.train_paths

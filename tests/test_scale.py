@@ -120,3 +120,13 @@ def test_gpu_check_runs_at_toy_size_on_cpu(tmp_path):
         assert run["final_params"] <= run["source_params"] // 2 + 1 and run["tokens_per_s_after"] > 0
     assert result["export"]["exit_code"] == 0 and result["export"]["verify"] is not None
     assert out.with_suffix(".md").read_text().startswith("# GPU check")
+
+
+def test_plan_with_a_measured_throughput():
+    cfg = TrainConfig(source_hidden=32, source_layers=2, source_heads=2, source_kv_heads=1, source_ffn=64,
+                      source_vocab=300, seq_len=32, batch_size=2, tokens=64_000, target_params="0.5")  # fmt: skip
+    plan = make_plan(cfg, world_size=2, measure_steps=2)
+    assert plan.throughput_from.startswith("measured") and any("tokens/s on one device (cpu" in n for n in plan.notes)
+    rate = float(next(n for n in plan.notes if n.startswith("measured")).split()[1].replace(",", ""))
+    # time = tokens / (2 devices x the measured rate), less as the model shrinks (never more)
+    assert 0.3 * 64_000 / (2 * rate) < plan.seconds <= 1.01 * 64_000 / (2 * rate)
