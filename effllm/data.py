@@ -406,6 +406,8 @@ def prepare_tokens(
     _remove_stale(out, keep=build.name)
     for r in results:
         (build / shard_names(r["index"])[2]).unlink(missing_ok=True)
+    for tmp in build.glob(".*.tmp-*"):  # half-written files of a killed attempt
+        tmp.unlink(missing_ok=True)
     for line in notes:
         print(line)
     if show_progress:

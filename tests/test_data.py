@@ -455,6 +455,8 @@ def test_sigkill_during_tokenization_then_resume(tmp_path, tokenizer):
         p.read_bytes() for p in fresh.train_paths + fresh.heldout_paths
     ]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", resumed.train_paths[0].parent.name]
+    left = {p.name for p in resumed.train_paths[0].parent.iterdir()} - {p.name for p in resumed.train_paths}
+    assert left == {p.name for p in resumed.heldout_paths} | {"meta.json"}, "no markers or half-written files left"
 
 
 def test_waiting_reader_gets_the_data_once_it_is_written(tmp_path, tokenizer, monkeypatch):
