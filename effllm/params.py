@@ -31,32 +31,45 @@ class ParameterCount:
         return {**asdict(self), "total": self.total, "non_embedding": self.non_embedding}
 
 
+def attention_size(hidden: int, head_dim: int, heads: int, kv_heads: int, bias: bool) -> int:
+    """q/k/v/o weights (and q/k/v biases) of one attention block: the one formula every count uses."""
+    return hidden * head_dim * (2 * heads + 2 * kv_heads) + (head_dim * (heads + 2 * kv_heads) if bias else 0)
+
+
+def ffn_size(hidden: int, width: int, bias: bool) -> int:
+    """gate/up/down weights (and biases) of one FFN block."""
+    return 3 * hidden * width + ((2 * width + hidden) if (bias and width) else 0)
+
+
+def count_shapes(
+    hidden: int, vocab: int, tied: bool, head_dim: int, layer_shapes, attention_bias: bool, mlp_bias: bool
+) -> ParameterCount:
+    """Parameters of a model with these shapes (``layer_shapes``: (heads, kv_heads, ffn) per layer)."""
+    norms = hidden  # the final norm; each layer's two norms exist only with their blocks
+    for heads, _, width in layer_shapes:
+        norms += hidden * (heads > 0) + hidden * (width > 0)
+    return ParameterCount(
+        embedding=vocab * hidden,
+        lm_head=0 if tied else vocab * hidden,
+        attention=sum(attention_size(hidden, head_dim, h, k, attention_bias) for h, k, _ in layer_shapes),
+        ffn=sum(ffn_size(hidden, f, mlp_bias) for _, _, f in layer_shapes),
+        norms=norms,
+    )
+
+
 def attention_params(config: EfficientLLMConfig, heads: int, kv_heads: int) -> int:
-    d, hd = config.hidden_size, config.head_dim
-    weights = d * hd * (heads + 2 * kv_heads) + heads * hd * d
-    bias = hd * (heads + 2 * kv_heads) if config.attention_bias else 0
-    return weights + bias
+    return attention_size(config.hidden_size, config.head_dim, heads, kv_heads, config.attention_bias)
 
 
 def ffn_params(config: EfficientLLMConfig, width: int) -> int:
-    d = config.hidden_size
-    bias = (2 * width + d) if (config.mlp_bias and width) else 0
-    return 3 * d * width + bias
+    return ffn_size(config.hidden_size, width, config.mlp_bias)
 
 
 def count_parameters(config: EfficientLLMConfig) -> ParameterCount:
-    d = config.hidden_size
-    shapes = config.layer_shapes()
-    norms = d  # the final norm
-    for heads, _, width in shapes:
-        norms += d * (heads > 0) + d * (width > 0)
-    return ParameterCount(
-        embedding=config.vocab_size * d,
-        lm_head=0 if config.tie_word_embeddings else config.vocab_size * d,
-        attention=sum(attention_params(config, h, k) for h, k, _ in shapes),
-        ffn=sum(ffn_params(config, f) for _, _, f in shapes),
-        norms=norms,
-    )
+    return count_shapes(
+        config.hidden_size, config.vocab_size, config.tie_word_embeddings, config.head_dim, config.layer_shapes(),
+        config.attention_bias, config.mlp_bias,
+    )  # fmt: skip
 
 
 def format_count(n: int) -> str:

@@ -263,7 +263,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, out: Path, info: D.DistInfo):
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) one training run; returns the final summary dict (also written to results.json)."""
     from .data import DataError, TokenBatches, prepare_tokens, unigram_perplexity
-    from .pruning import LinearBudget, Pruner, PruningConfig
+    from .pruning import ParameterBudget, Pruner, PruningConfig
 
     info = D.init_distributed()
     out = Path(cfg.out)
@@ -382,7 +382,7 @@ def train(cfg: TrainConfig) -> dict:
     pruner = Pruner(model, pruning_cfg, optimizer=optimizer) if plan.target_params is not None else None
     budget = None
     if pruner is not None:
-        budget = LinearBudget(plan.source_params, plan.target_params, plan.prune_start, plan.prune_end, cfg.budget_curve)
+        budget = ParameterBudget(plan.source_params, plan.target_params, plan.prune_start, plan.prune_end, cfg.budget_curve)
     stream = TokenBatches(
         data_info.train_path, data_info.dtype, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
         seed=cfg.seed, rank=info.rank, world_size=info.world_size,

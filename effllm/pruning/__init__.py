@@ -8,7 +8,7 @@ One module per concept (docs/method.md explains the algorithm):
 - ``selection``  globally lowest saliency density, with floors
 - ``surgery``    physical removal: weights, gradients, optimizer state, config
 - ``obs``        optional local second-order weight update (OBS)
-- ``schedule``   LinearBudget: the parameter budget over tokens
+- ``schedule``   ParameterBudget: the parameter budget over tokens
 - ``pruner``     Pruner: all of the above for one model, the prune log, state_dict for resume
 - ``oneshot``    one_shot_prune: the LLM-Pruner-style baseline
 """
@@ -18,7 +18,7 @@ from .groups import Group, GroupType, ModelShapes, enumerate_groups
 from .oneshot import one_shot_prune
 from .pruner import Pruner
 from .saliency import SaliencyTracker
-from .schedule import LinearBudget
+from .schedule import ParameterBudget
 from .selection import select_groups
 from .surgery import Removal, apply_surgery
 
@@ -26,7 +26,7 @@ __all__ = [
     "DEFAULTS_HELP",
     "Group",
     "GroupType",
-    "LinearBudget",
+    "ParameterBudget",
     "ModelShapes",
     "Pruner",
     "PruningConfig",

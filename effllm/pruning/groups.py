@@ -24,6 +24,8 @@ import copy
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..params import count_shapes
+
 
 class GroupType(str, Enum):
     ATTENTION = "attention"
@@ -32,9 +34,6 @@ class GroupType(str, Enum):
 
     def __str__(self) -> str:  # records and logs show the plain name
         return self.value
-
-
-TYPE_ORDER = {GroupType.ATTENTION: 0, GroupType.FFN: 1, GroupType.STEM: 2}
 
 
 @dataclass
@@ -81,20 +80,11 @@ class ModelShapes:
         return self.heads[layer] // self.kv_heads[layer] if self.kv_heads[layer] else 0
 
     # ---- counts ---------------------------------------------------------------------------------
-    def attention_params(self, layer: int) -> int:
-        h, k, hd, d = self.heads[layer], self.kv_heads[layer], self.head_dim, self.hidden
-        return d * hd * (2 * h + 2 * k) + (hd * (h + 2 * k) if self.attention_bias else 0)
-
-    def ffn_params(self, layer: int) -> int:
-        f, d = self.ffn[layer], self.hidden
-        return 3 * d * f + ((2 * f + d) if (self.mlp_bias and f) else 0)
-
     def total(self) -> int:
-        d = self.hidden
-        norms = d * (1 + sum(h > 0 for h in self.heads) + sum(f > 0 for f in self.ffn))
-        embed = self.vocab * d * (1 if self.tied else 2)
-        layers = sum(self.attention_params(i) + self.ffn_params(i) for i in range(self.num_layers))
-        return embed + norms + layers
+        """Parameters of these shapes: effllm.params' formulas, the same ones every stage counts with."""
+        return count_shapes(
+            self.hidden, self.vocab, self.tied, self.head_dim, self.layer_shapes(), self.attention_bias, self.mlp_bias
+        ).total
 
     # ---- the price of one group -----------------------------------------------------------------
     def attention_size(self, layer: int) -> int:

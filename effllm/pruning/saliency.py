@@ -191,10 +191,6 @@ class SaliencyTracker:
         self.extra_a = torch.zeros(n, dtype=F32, device=dev)
         self.extra_b = torch.zeros(n, dtype=F32, device=dev)
 
-    def reset(self) -> None:
-        self.count = 0
-        self._allocate()
-
     # ---- the update after each backward ---------------------------------------------------------
     def fisher_tokens(self, tokens: int | None) -> int:
         """N for this update: given, or counted since the last update (times the world size)."""

@@ -3,8 +3,9 @@
 P(t) is the source size before ``start_tokens``, falls to the target size at ``end_tokens`` and
 stays there. The fall is linear (the paper's Fig. 1c) or cubic, front-loaded as in gradual
 magnitude pruning (Zhu & Gupta 2017): P = T + (S - T) * (1 - x)^3 with x the fraction of the
-phase done, so most parameters go early while the model is large and the rest slowly. A prune step calls ``Pruner.prune_to(budget(tokens))``, which
-removes lowest-density groups until params <= P(t); so after every prune step
+phase done, so most parameters go early while the model is large and the rest slowly. A prune
+step calls ``Pruner.prune_to(budget(tokens))``, which removes lowest-density groups until
+params <= P(t); so after every prune step
 P(t) - (largest group) < params <= P(t), unless a floor stops it.
 
 Integer arithmetic only (no float rounding at billions of parameters): P(t) is rounded down, so
@@ -19,7 +20,7 @@ BUDGET_CURVES = ("linear", "cubic")
 
 
 @dataclass(frozen=True)
-class LinearBudget:
+class ParameterBudget:
     source_params: int
     target_params: int
     start_tokens: int
@@ -55,15 +56,5 @@ class LinearBudget:
             return int(self.target_params + (drop * (span - done) ** 3) // span**3)
         return int(self.source_params - (drop * done + span - 1) // span)
 
-    def __call__(self, tokens: int) -> int:
-        return self.budget(tokens)
 
-    def active(self, tokens: int) -> bool:
-        """True while the budget is still falling (start <= tokens < end)."""
-        return self.start_tokens <= tokens < self.end_tokens
-
-    def done(self, tokens: int) -> bool:
-        return tokens >= self.end_tokens
-
-
-__all__ = ["BUDGET_CURVES", "LinearBudget"]
+__all__ = ["BUDGET_CURVES", "ParameterBudget"]

@@ -44,9 +44,6 @@ class Removal:
         else:
             self.stem.extend(positions)
 
-    def is_empty(self) -> bool:
-        return not (any(self.attention.values()) or any(self.ffn.values()) or self.stem)
-
 
 @dataclass
 class Kept:
