@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
-from conftest import IRREGULAR, tiny_model
+from conftest import IRREGULAR, tiny_config, tiny_model
 
 from effllm.params import count_module_parameters, count_parameters
 from effllm.pruning import (
     GroupType,
-    LinearBudget,
     ModelShapes,
+    ParameterBudget,
     Pruner,
     PruningConfig,
     enumerate_groups,
@@ -153,15 +154,15 @@ def test_selection_picks_lowest_density_and_is_deterministic():
 
 
 def test_linear_budget():
-    sched = LinearBudget(1000, 400, start_tokens=100, end_tokens=700)
+    sched = ParameterBudget(1000, 400, start_tokens=100, end_tokens=700)
     assert sched.budget(0) == 1000 and sched.budget(100) == 1000
     assert sched.budget(400) == 700 and sched.budget(101) == 999
     assert sched.budget(700) == 400 and sched.budget(10**9) == 400
     values = [sched.budget(t) for t in range(0, 800, 7)]
     assert values == sorted(values, reverse=True)
-    assert LinearBudget(10, 5, 3, 3).budget(3) == 5
+    assert ParameterBudget(10, 5, 3, 3).budget(3) == 5
     with pytest.raises(ValueError, match="larger than source"):
-        LinearBudget(10, 20, 0, 5)
+        ParameterBudget(10, 20, 0, 5)
 
 
 def test_schedule_keeps_params_within_one_group_of_the_budget():
@@ -169,7 +170,7 @@ def test_schedule_keeps_params_within_one_group_of_the_budget():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pruner = Pruner(model, PruningConfig(), optimizer=opt)
     source = count_parameters(model.config).total
-    sched = LinearBudget(source, source // 3, start_tokens=0, end_tokens=40 * 24)
+    sched = ParameterBudget(source, source // 3, start_tokens=0, end_tokens=40 * 24)
     gen = torch.Generator().manual_seed(0)
     steps_with_removals = 0
     for step in range(1, 45):
@@ -217,3 +218,72 @@ def test_obs_without_a_batch_falls_back_to_plain_removal(caplog):
     with caplog.at_level("WARNING"):
         records = pruner.prune_to(count_parameters(model.config).total - 5000)
     assert records and "needs the current batch" in caplog.text
+
+
+def test_cubic_budget_front_loads_and_meets_the_same_ends():
+    linear = ParameterBudget(10_000, 1_000, start_tokens=100, end_tokens=1_100)
+    cubic = ParameterBudget(10_000, 1_000, start_tokens=100, end_tokens=1_100, curve="cubic")
+    points = range(0, 1_300, 13)
+    assert [cubic.budget(t) for t in points] == sorted((cubic.budget(t) for t in points), reverse=True)
+    assert cubic.budget(100) == linear.budget(100) == 10_000 and cubic.budget(1_100) == linear.budget(1_100) == 1_000
+    assert all(cubic.budget(t) < linear.budget(t) for t in range(150, 1_100, 50))
+    assert cubic.budget(600) == 1_000 + 9_000 // 8  # half the phase: (1 - 1/2)^3 of the drop left
+    with pytest.raises(ValueError, match="budget curve"):
+        ParameterBudget(10, 5, 0, 5, curve="exponential")
+
+
+def _scores(shapes: ModelShapes, attention=1.0, ffn=1.0, stem=1.0) -> dict:
+    """Uniform per-unit saliency per type, scaled so the densities are attention < ffn < stem by default."""
+    return {
+        "attention": [np.full(k, attention * shapes.attention_size(i)) for i, k in enumerate(shapes.kv_heads)],
+        "ffn": [np.full(f, ffn * shapes.ffn_size(i, 1)) for i, f in enumerate(shapes.ffn)],
+        "stem": np.full(shapes.hidden, stem * shapes.stem_size(1)),
+        "ffn_extra": np.zeros(shapes.num_layers),
+    }
+
+
+def test_exact_selection_lands_within_the_smallest_group_of_the_target():
+    from effllm.pruning.selection import select_groups
+
+    shapes = ModelShapes.from_config(tiny_config(**GQA))
+    scores = _scores(shapes, attention=1.0, ffn=2.0, stem=3.0)  # a KV group is the cheapest by density
+    budget = shapes.total() - 100  # far less than one attention group
+    plain = select_groups(shapes, scores, budget, PruningConfig())
+    exact = select_groups(shapes, scores, budget, PruningConfig(), exact=True)
+    assert plain.choices[0].type == GroupType.ATTENTION and budget - plain.params_after > 3_000
+    smallest = min(shapes.ffn_size(i, 1) for i, f in enumerate(shapes.ffn) if f)
+    assert exact.params_after <= budget < exact.params_after + 2 * smallest
+    assert {c.type for c in exact.choices} == {GroupType.FFN}
+
+
+def test_stem_price_moves_hidden_channels_ahead():
+    from effllm.pruning.selection import select_groups
+
+    shapes = ModelShapes.from_config(tiny_config(**GQA))
+    scores = _scores(shapes, attention=3.0, ffn=2.0, stem=2.5)  # stem a little denser than FFN
+    budget = shapes.total() - 3 * shapes.stem_size(1)
+    assert select_groups(shapes, scores, budget, PruningConfig()).choices[0].type == GroupType.FFN
+    cheap = select_groups(shapes, scores, budget, PruningConfig(stem_price=0.5))
+    assert cheap.choices[0].type == GroupType.STEM and cheap.params_after <= budget
+    with pytest.raises(ValueError, match="stem_price"):
+        PruningConfig(stem_price=0)
+
+
+def test_first_order_scores_and_group_fisher_follow_their_formulas():
+    model = tiny_model(**GQA).train()
+    ids = torch.randint(1, 512, (2, 12), generator=torch.Generator().manual_seed(3))
+    model(ids, labels=ids).loss.backward()
+    n_tokens = 2 * 11
+    per_token = Pruner(model, PruningConfig(), mode="mean")
+    group = Pruner(model, PruningConfig(fisher="group"), mode="mean")
+    first = Pruner(model, PruningConfig(taylor_order=1), mode="mean")
+    for p in (per_token, group, first):
+        p.update_saliency(tokens=n_tokens)
+    mlp = model.model.layers[0].mlp
+    gw = [(w.grad * w.detach()).double() for w in (mlp.gate_proj.weight, mlp.up_proj.weight)]
+    down = (mlp.down_proj.weight.grad * mlp.down_proj.weight.detach()).double()
+    a = float(gw[0][5].sum() + gw[1][5].sum() + down[:, 5].sum())
+    b_elementwise = float((gw[0][5] ** 2).sum() + (gw[1][5] ** 2).sum() + (down[:, 5] ** 2).sum())
+    assert per_token.scores()["ffn"][0][5] == pytest.approx(abs(-a + n_tokens * b_elementwise / 2), rel=1e-4)
+    assert group.scores()["ffn"][0][5] == pytest.approx(abs(-a + n_tokens * a * a / 2), rel=1e-4)
+    assert first.scores()["ffn"][0][5] == pytest.approx(abs(a), rel=1e-4)
