@@ -3,7 +3,8 @@
 ``prepare_tokens`` tokenizes the sources (see data_sources.py) with the model's tokenizer into
 shards: ``out_dir/tokens-<fingerprint>/train-NNNNN.bin`` and ``heldout-NNNNN.bin`` (flat arrays,
 each document followed by eos), described by ``out_dir/meta.json``; it reuses them while the
-sources and tokenizer are unchanged. The document stream is cut into chunks of about
+sources and tokenizer are unchanged; the held-out split is also written whole as
+``out_dir/heldout.bin`` (for effllm-eval and effllm-export). The document stream is cut into chunks of about
 ``shard_chars`` characters, one pair of shards each, tokenized by ``num_proc`` processes (the bytes
 do not depend on the number); only a bounded number of chunks is in memory at a time, so a corpus
 far larger than RAM streams through. Every finished chunk is on disk for good (see shards.py): a
@@ -262,12 +263,21 @@ def _check_token_dir(source: Source, tokenizer, vocab_size: int) -> TokenData:
 
 
 def _remove_stale(out: Path, keep: str) -> None:
-    """Shard directories of earlier preparations (finished or not) and format-1 files."""
+    """Shard directories of earlier preparations (finished or not) and the format-1 train file."""
     for path in out.glob("tokens-*"):
         if path.is_dir() and path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
-    for name in ("train.bin", "heldout.bin"):
-        (out / name).unlink(missing_ok=True)
+    (out / "train.bin").unlink(missing_ok=True)
+
+
+def _concatenate(paths: list[Path], dest: Path) -> None:
+    """``dest`` = the files one after another, written beside it and renamed."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for path in paths:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+    os.replace(tmp, dest)
 
 
 def prepare_tokens(
@@ -402,6 +412,9 @@ def prepare_tokens(
         shards=shards,
     )
     write_json_atomic(build / "meta.json", {**meta, "dir": "."})  # the shard directory describes itself too
+    # The held-out split (small) also as one file, <out>/heldout.bin, where effllm-eval and effllm-export
+    # look for it beside a run's model; meta.json's dtype and heldout_tokens describe it.
+    _concatenate([build / name for name, _ in shards["heldout"]], out / "heldout.bin")
     write_json_atomic(out / "meta.json", {**meta, "dir": build.name})
     _remove_stale(out, keep=build.name)
     for r in results:

@@ -59,6 +59,8 @@ def test_prunes_to_target_and_writes_report(workspace):
     for name in ("summary.md", "params_by_type.png", "architecture.png", "metrics.jsonl", "evals.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert "held-out perplexity: source" in r.stdout
+    meta = json.loads((out / "data" / "meta.json").read_text())  # where effllm-eval/-export find the held-out split
+    assert (out / "data" / "heldout.bin").stat().st_size == 2 * meta["heldout_tokens"] > 0
     # The result directory is a plain HF model directory at the pruned shapes.
     from transformers import AutoConfig
 
