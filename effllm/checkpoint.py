@@ -54,6 +54,15 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, pruner, trainer_sta
         write_json_atomic(tmp / "trainer.json", trainer_state)
 
 
+def latest_checkpoint(out: Path) -> Path | None:
+    """``out/checkpoint``; or ``out/checkpoint.old`` when a kill landed between the two renames that
+    swap a new checkpoint in (the old one moved aside, the new one not yet in place); or None."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (out / name / "trainer.json").is_file():
+            return out / name
+    return None
+
+
 def load_checkpoint(path: Path) -> tuple[Path, dict, dict]:
     """(model directory, tensors from state.pt, trainer.json), or CheckpointError naming the problem."""
     if not (path / "trainer.json").is_file():

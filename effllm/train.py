@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .configuration_effllm import EfficientLLMConfig
 from .convert import UnsupportedSourceError, from_pretrained
 from .errors import EffllmError
@@ -273,12 +273,13 @@ def train(cfg: TrainConfig) -> dict:
 
     # 1. model, tokenizer, plan (all validation before anything is written)
     resume_state = None
-    has_checkpoint = (out / "checkpoint" / "trainer.json").is_file()
+    checkpoint = latest_checkpoint(out)
+    has_checkpoint = checkpoint is not None
     if cfg.resume and not has_checkpoint and info.is_main:
         print(f"no checkpoint in {out} yet: starting at step 0 (finished token shards are reused)", flush=True)
     if cfg.resume and has_checkpoint:
         try:
-            model_dir, tensors, trainer_state = load_checkpoint(out / "checkpoint")
+            model_dir, tensors, trainer_state = load_checkpoint(checkpoint)
         except CheckpointError as err:
             raise TrainError(str(err)) from None
         from transformers import AutoTokenizer
