@@ -4,6 +4,7 @@ One module per concept (docs/method.md explains the algorithm):
 
 - ``config``     PruningConfig, its defaults and why (quoted by the trainer's --help)
 - ``groups``     the three group types and what each costs (GroupType, ModelShapes, enumerate_groups)
+- ``ownership``  the one table of which rows/columns of which weights each group type owns
 - ``saliency``   per-group EMAs of sum(g*w) and sum((g*w)^2), updated after every backward
 - ``selection``  globally lowest saliency density, with floors
 - ``surgery``    physical removal: weights, gradients, optimizer state, config

@@ -23,7 +23,8 @@ import logging
 import torch
 import torch.distributed as dist
 
-from .surgery import Removal, expand_rows
+from .ownership import ATTENTION, FFN, STEM, block_parts, expand_rows, outer_parts, units
+from .surgery import Removal
 
 log = logging.getLogger(__name__)
 
@@ -72,37 +73,26 @@ def compensate(weight: torch.Tensor, removed: torch.Tensor, xtx: torch.Tensor, d
 def obs_update(model, removal: Removal, batch: torch.Tensor, damping: float = 0.01) -> list[str]:
     """Compensate every consumer of ``removal`` using the inputs seen on ``batch``; returns the updated weights' names."""
     inner = model.model
-    hd = model.config.head_dim
     # hooked module -> list of (name, consumer weight, removed input columns)
     consumers: dict[torch.nn.Module, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
-    stem = torch.tensor(sorted(set(removal.stem)), dtype=torch.long) if removal.stem else None
+    removed = {STEM: sorted(set(removal.stem))}
+
+    def add(parts) -> None:
+        for part in parts:
+            if part.reads is None:
+                continue
+            cols = next(axis for axis in part.axes if axis.dim == 1)  # its inputs: whose removal takes them away
+            if removed[cols.owner]:
+                idx = expand_rows(torch.tensor(removed[cols.owner], dtype=torch.long), cols.width)
+                consumers.setdefault(part.reads, []).append((part.name.removesuffix(".weight"), part.param, idx))
+
     for i, layer in enumerate(inner.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        if attn is not None:
-            rm = sorted(set(removal.attention.get(i, ())))
-            all_gone = len(rm) == attn.num_kv_heads
-            if rm and not all_gone:
-                g = attn.num_heads // attn.num_kv_heads
-                cols = expand_rows(torch.tensor(rm, dtype=torch.long), g * hd)
-                consumers.setdefault(attn.o_proj, []).append((f"layers.{i}.self_attn.o_proj", attn.o_proj.weight, cols))
-            if stem is not None and not all_gone:
-                for name in ("q_proj", "k_proj", "v_proj"):
-                    w = getattr(attn, name).weight
-                    consumers.setdefault(attn.q_proj, []).append((f"layers.{i}.self_attn.{name}", w, stem))
-        if mlp is not None:
-            rm = sorted(set(removal.ffn.get(i, ())))
-            all_gone = len(rm) == mlp.gate_proj.weight.shape[0]
-            if rm and not all_gone:
-                cols = torch.tensor(rm, dtype=torch.long)
-                consumers.setdefault(mlp.down_proj, []).append(
-                    (f"layers.{i}.mlp.down_proj", mlp.down_proj.weight, cols)
-                )
-            if stem is not None and not all_gone:
-                for name in ("gate_proj", "up_proj"):
-                    w = getattr(mlp, name).weight
-                    consumers.setdefault(mlp.gate_proj, []).append((f"layers.{i}.mlp.{name}", w, stem))
-    if stem is not None and model.lm_head.weight is not inner.embed_tokens.weight:
-        consumers.setdefault(model.lm_head, []).append(("lm_head", model.lm_head.weight, stem))
+        n = units(layer)
+        for kind, by_layer in ((ATTENTION, removal.attention), (FFN, removal.ffn)):
+            removed[kind] = sorted(set(by_layer.get(i, ())))
+            if len(removed[kind]) < n[kind]:  # a block removed entirely has nothing left to compensate with
+                add(block_parts(layer, i, kind))
+    add(outer_parts(model))
     if not consumers:
         return []
 

@@ -7,9 +7,10 @@ For every minimal group G, two running statistics of the current gradient g and 
 
 ``SaliencyTracker.update()`` reads ``p.grad`` and ``p.data`` after a backward (after the DDP
 all-reduce, and after a GradScaler's ``unscale_``). Per weight matrix it does one elementwise
-product, one in-place square and four reductions (row sums feed the groups that own rows,
-column sums the stem); per layer the results are folded per KV-head group with a reshape. No
-Python loop over channels, no host synchronization, EMAs in float32 whatever the model dtype.
+product, one in-place square and, for each, a row and/or a column reduction, one per group type
+that owns that dimension (``ownership`` says which); rows of q/k/v and columns of o_proj are
+folded per KV-head group with a reshape. No Python loop over channels, no host synchronization,
+EMAs in float32 whatever the model dtype.
 
 With ``fisher="per_token"`` (the default) the squared term is multiplied by N, the number of
 tokens the gradient averages over, so that B estimates the empirical Fisher E[g^2] over tokens
@@ -36,6 +37,7 @@ import torch.distributed as dist
 
 from .config import FISHER_ESTIMATES
 from .groups import GroupType
+from .ownership import ATTENTION, FFN, STEM, block_parts, outer_parts, units
 
 F32 = torch.float32
 log = logging.getLogger(__name__)
@@ -109,23 +111,17 @@ def _gw(p: torch.Tensor | None, scratch=None) -> torch.Tensor | None:
     return buf.mul_(w)  # promoted to float32 element by element
 
 
-def _rows_cols(p: torch.Tensor, scratch=None):
-    """Row and column sums of g*w and of (g*w)^2: (row_a, row_b, col_a, col_b), or None."""
+def _sums(p: torch.Tensor, dims, scratch=None):
+    """Per owned dimension, the sums of g*w and of (g*w)^2 over the other one: [(a, b), ...], or None."""
+    if p.dim() == 1:  # a vector: its entries are the units (no scratch: ``a`` is the product itself)
+        prod = _gw(p)
+        return None if prod is None else [(prod, prod * prod)]
     prod = _gw(p, scratch)
     if prod is None:
         return None
-    row_a, col_a = prod.sum(1), prod.sum(0)
+    a = [prod.sum(1 - d) for d in dims]
     prod.square_()
-    return row_a, prod.sum(1), col_a, prod.sum(0)
-
-
-def _cols(p: torch.Tensor, scratch=None):
-    prod = _gw(p, scratch)
-    if prod is None:
-        return None
-    col_a = prod.sum(0)
-    prod.square_()
-    return col_a, prod.sum(0)
+    return list(zip(a, [prod.sum(1 - d) for d in dims]))
 
 
 class SaliencyTracker:
@@ -180,8 +176,8 @@ class SaliencyTracker:
         self.attn_a, self.attn_b, self.ffn_a, self.ffn_b = [], [], [], []
         for layer in inner.layers:
             ldev = self._layer_device(layer)
-            k = layer.self_attn.num_kv_heads if layer.self_attn is not None else 0
-            f = layer.mlp.gate_proj.weight.shape[0] if layer.mlp is not None else 0
+            n = units(layer)
+            k, f = n[ATTENTION], n[FFN]
             self.attn_a.append(torch.zeros(k, dtype=F32, device=ldev))
             self.attn_b.append(torch.zeros(k, dtype=F32, device=ldev))
             self.ffn_a.append(torch.zeros(f, dtype=F32, device=ldev))
@@ -220,86 +216,41 @@ class SaliencyTracker:
         n_tokens = self.fisher_tokens(tokens)
         if not any(p.grad is not None for p in self.model.parameters()):
             return False
-        d = self.stem_a.numel()
-        dev = self.stem_a.device
-        sa = torch.zeros(d, dtype=F32, device=dev)
-        sb = torch.zeros(d, dtype=F32, device=dev)
+        stem = (torch.zeros_like(self.stem_a), torch.zeros_like(self.stem_b))
         extra_a = torch.zeros_like(self.extra_a)
         extra_b = torch.zeros_like(self.extra_b)
         new_attn, new_ffn = [], []
 
-        def stem_vec(a, b):
-            nonlocal sa, sb
-            sa += a.to(dev)
-            sb += b.to(dev)
+        def fold(parts, acc: dict):
+            """Add each part's sums to the (a, b) of the group types that own it; returns a block bias's (a, b)."""
+            bias = None
+            for part in parts:
+                sums = _sums(part.param, [axis.dim for axis in part.axes], self._scratch)
+                if sums is None:
+                    continue
+                for axis, (a, b) in zip(part.axes, sums):
+                    if axis.width > 1:  # rows/columns -> their KV-head groups
+                        a, b = a.view(-1, axis.width).sum(1), b.view(-1, axis.width).sum(1)
+                    into = acc[axis.owner]
+                    into[0].add_(a.to(into[0].device))
+                    into[1].add_(b.to(into[1].device))
+                if part.block_bias:
+                    bias = sums[0]
+            return bias
 
-        embed = inner.embed_tokens.weight
-        for p in {id(p): p for p in (embed, self.model.lm_head.weight)}.values():
-            r = _cols(p, self._scratch)
-            if r is not None:
-                stem_vec(*r)
-        for norm in [inner.norm] + [
-            n
-            for layer in inner.layers
-            for n in (layer.input_layernorm, layer.post_attention_layernorm)
-            if n is not None
-        ]:
-            prod = _gw(norm.weight)
-            if prod is not None:
-                stem_vec(prod, prod * prod)
-
+        fold(outer_parts(self.model), {STEM: stem})
         for i, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            if attn is not None:
-                k = self.attn_a[i].numel()
-                a = torch.zeros(k, dtype=F32, device=self.attn_a[i].device)
-                b = torch.zeros_like(a)
-                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-                    r = _rows_cols(proj.weight, self._scratch)
-                    if r is not None:
-                        a += r[0].view(k, -1).sum(1)
-                        b += r[1].view(k, -1).sum(1)
-                        stem_vec(r[2], r[3])
-                    prod = _gw(proj.bias)
-                    if prod is not None:
-                        a += prod.view(k, -1).sum(1)
-                        b += prod.square_().view(k, -1).sum(1)
-                r = _rows_cols(attn.o_proj.weight, self._scratch)
-                if r is not None:
-                    stem_vec(r[0], r[1])
-                    a += r[2].view(k, -1).sum(1)
-                    b += r[3].view(k, -1).sum(1)
-                new_attn.append((a, b))
-            else:
-                new_attn.append(None)
-            mlp = layer.mlp
-            if mlp is not None:
-                a = torch.zeros(self.ffn_a[i].numel(), dtype=F32, device=self.ffn_a[i].device)
-                b = torch.zeros_like(a)
-                for proj in (mlp.gate_proj, mlp.up_proj):
-                    r = _rows_cols(proj.weight, self._scratch)
-                    if r is not None:
-                        a += r[0]
-                        b += r[1]
-                        stem_vec(r[2], r[3])
-                    prod = _gw(proj.bias)
-                    if prod is not None:
-                        a += prod
-                        b += prod.square_()
-                r = _rows_cols(mlp.down_proj.weight, self._scratch)
-                if r is not None:
-                    stem_vec(r[0], r[1])
-                    a += r[2]
-                    b += r[3]
-                prod = _gw(mlp.down_proj.bias)
-                if prod is not None:
-                    sq = prod * prod
-                    stem_vec(prod, sq)
-                    extra_a[i] = prod.sum()
-                    extra_b[i] = sq.sum()
-                new_ffn.append((a, b))
-            else:
-                new_ffn.append(None)
+            for kind, new, bufs in ((ATTENTION, new_attn, self.attn_a), (FFN, new_ffn, self.ffn_a)):
+                parts = block_parts(layer, i, kind)
+                if not parts:
+                    new.append(None)
+                    continue
+                acc = {kind: (torch.zeros_like(bufs[i]), torch.zeros_like(bufs[i])), STEM: stem}
+                bias = fold(parts, acc)
+                if bias is not None and kind == FFN:  # the down_proj bias goes with the last channel (o_proj has none)
+                    extra_a[i], extra_b[i] = bias[0].sum(), bias[1].sum()
+                new.append(acc[kind])
+        sa, sb = stem
 
         if self.fisher == "group":
             # The group's own quadratic form w_G^T F w_G = E[(g . w_G)^2]: the square of the summed

@@ -8,8 +8,9 @@ exp_avg_sq, SGD's momentum_buffer, ...) are sliced along the same dims; scalar s
 is kept. A state tensor of any other shape (a factored optimizer) cannot be sliced faithfully:
 that parameter's state is dropped with a warning and the optimizer re-initializes it lazily.
 
-A layer that loses all its attention groups loses ``self_attn`` and ``input_layernorm`` (set to
-None); one that loses all FFN channels loses ``mlp`` and ``post_attention_layernorm``. Their
+What each group owns, and what goes with a block's last unit, is ``ownership``'s table. A layer
+that loses all its attention groups loses ``self_attn`` and ``input_layernorm`` (set to None);
+one that loses all FFN channels loses ``mlp`` and ``post_attention_layernorm``. Their
 parameters leave the optimizer's param_groups and state. The config's per-layer shapes and
 hidden size, and the nn.Linear / nn.Embedding size attributes, are updated to match.
 """
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .groups import GroupType
+from .ownership import ATTENTION, BLOCKS, FFN, STEM, block_parts, expand_rows, outer_parts, units
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,6 @@ def keep_index(n: int, removed) -> torch.Tensor | None:
     mask = torch.ones(n, dtype=torch.bool)
     mask[list(removed)] = False
     return mask.nonzero().flatten()
-
-
-def expand_rows(kept_heads: torch.Tensor | None, width: int) -> torch.Tensor | None:
-    """KV-head positions -> the rows (or columns) they own, ``width`` each."""
-    if kept_heads is None:
-        return None
-    return (kept_heads[:, None] * width + torch.arange(width)).flatten()
 
 
 def _cut(t: torch.Tensor, slices: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -121,7 +116,6 @@ def drop_parameters(optimizer, params) -> None:
 def apply_surgery(model, removal: Removal, optimizer=None) -> Kept:
     """Physically remove ``removal`` from ``model`` (and ``optimizer``); returns the surviving positions."""
     inner, config = model.model, model.config
-    hd = config.head_dim
     d = inner.embed_tokens.weight.shape[1]
     kept = Kept()
     stem_keep = keep_index(d, removal.stem)
@@ -129,69 +123,34 @@ def apply_surgery(model, removal: Removal, optimizer=None) -> Kept:
         raise ValueError("cannot remove every hidden channel: the model would have no residual stream")
     kept.stem = stem_keep
 
-    plan: dict[int, tuple[nn.Parameter, dict[int, torch.Tensor]]] = {}
+    plan: dict[int, tuple[nn.Parameter, dict[int, torch.Tensor]]] = {}  # by id: a tied weight is sliced once
+    keeps = {STEM: stem_keep}
 
-    def add(p, dim: int, idx: torch.Tensor | None) -> None:
-        if p is None or idx is None:
-            return
-        plan.setdefault(id(p), (p, {}))[1][dim] = idx
+    def add(parts) -> None:
+        for part in parts:
+            for axis in part.axes:
+                idx = expand_rows(keeps[axis.owner], axis.width)
+                if idx is not None:
+                    plan.setdefault(id(part.param), (part.param, {}))[1][axis.dim] = idx
 
     dropped: list[nn.Parameter] = []
-    add(inner.embed_tokens.weight, 1, stem_keep)
-    add(model.lm_head.weight, 1, stem_keep)
-    add(inner.norm.weight, 0, stem_keep)
+    add(outer_parts(model))
     new_shapes = []
     for i, layer in enumerate(inner.layers):
-        heads, kv, width = 0, 0, 0
-        attn = layer.self_attn
-        if attn is not None:
-            kv, heads = attn.num_kv_heads, attn.num_heads
-            g = heads // kv
-            kv_keep = keep_index(kv, removal.attention.get(i, ()))
-            if kv_keep is not None and kv_keep.numel() == 0:
-                dropped += list(attn.parameters()) + list(layer.input_layernorm.parameters())
-                layer.self_attn = None
-                layer.input_layernorm = None
-                heads = kv = 0
+        n = units(layer)
+        g = layer.self_attn.num_heads // n[ATTENTION] if n[ATTENTION] else 0  # query heads per KV head
+        for kind, removed, kept_units in ((ATTENTION, removal.attention, kept.attention), (FFN, removal.ffn, kept.ffn)):
+            keeps[kind] = idx = keep_index(n[kind], removed.get(i, ())) if n[kind] else None
+            if idx is not None:
+                kept_units[i] = idx
+                n[kind] = idx.numel()
+            if idx is not None and n[kind] == 0:  # the block's last unit: its modules go, norm and biases too
+                for attr in BLOCKS[kind]:
+                    dropped += list(getattr(layer, attr).parameters())
+                    setattr(layer, attr, None)
             else:
-                if kv_keep is not None:
-                    kept.attention[i] = kv_keep
-                    kv = kv_keep.numel()
-                    heads = kv * g
-                q_rows, kv_rows = expand_rows(kv_keep, g * hd), expand_rows(kv_keep, hd)
-                for proj, rows in ((attn.q_proj, q_rows), (attn.k_proj, kv_rows), (attn.v_proj, kv_rows)):
-                    add(proj.weight, 0, rows)
-                    add(proj.weight, 1, stem_keep)
-                    add(proj.bias, 0, rows)
-                add(attn.o_proj.weight, 0, stem_keep)
-                add(attn.o_proj.weight, 1, q_rows)
-                add(attn.o_proj.bias, 0, stem_keep)
-                add(layer.input_layernorm.weight, 0, stem_keep)
-        mlp = layer.mlp
-        if mlp is not None:
-            width = mlp.gate_proj.weight.shape[0]
-            ch_keep = keep_index(width, removal.ffn.get(i, ()))
-            if ch_keep is not None and ch_keep.numel() == 0:
-                dropped += list(mlp.parameters()) + list(layer.post_attention_layernorm.parameters())
-                layer.mlp = None
-                layer.post_attention_layernorm = None
-                width = 0
-                kept.ffn[i] = ch_keep
-            else:
-                if ch_keep is not None:
-                    kept.ffn[i] = ch_keep
-                    width = ch_keep.numel()
-                for proj in (mlp.gate_proj, mlp.up_proj):
-                    add(proj.weight, 0, ch_keep)
-                    add(proj.weight, 1, stem_keep)
-                    add(proj.bias, 0, ch_keep)
-                add(mlp.down_proj.weight, 0, stem_keep)
-                add(mlp.down_proj.weight, 1, ch_keep)
-                add(mlp.down_proj.bias, 0, stem_keep)
-                add(layer.post_attention_layernorm.weight, 0, stem_keep)
-        if attn is not None and layer.self_attn is None:
-            kept.attention[i] = torch.zeros(0, dtype=torch.long)
-        new_shapes.append((heads, kv, width))
+                add(block_parts(layer, i, kind))
+        new_shapes.append((g * n[ATTENTION], n[ATTENTION], n[FFN]))
 
     for p, slices in plan.values():
         slice_parameter(p, slices, optimizer)
@@ -207,4 +166,4 @@ def apply_surgery(model, removal: Removal, optimizer=None) -> Kept:
     return kept
 
 
-__all__ = ["Kept", "Removal", "apply_surgery", "drop_parameters", "expand_rows", "keep_index", "slice_parameter"]
+__all__ = ["Kept", "Removal", "apply_surgery", "drop_parameters", "keep_index", "slice_parameter"]
