@@ -214,10 +214,7 @@ def measure(config, cfg: TrainConfig, steps: int) -> dict:
 def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None = None, gpu_tflops: float = 989.0,
               mfu: float = 0.35, gpu_memory_gib: float = 80.0, measure_steps: int = 0) -> RunPlan:  # fmt: skip
     """Everything ``--dry-run`` prints; raises RecipeError (or the source's error) on bad input."""
-    from . import pruning
-
-    # ParameterBudget, or LinearBudget (its name before) where the pruning package predates the rename
-    budget_class = getattr(pruning, "ParameterBudget", None) or pruning.LinearBudget
+    from .pruning import ParameterBudget
     from .train import pruning_end, resolve_target
 
     config, where = source_config(cfg)
@@ -233,7 +230,7 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
     points: list[tuple[int, int]] = []
     prune_steps = 0
     if target is not None:
-        budget = budget_class(source_params, target, cfg.prune_start, prune_end, curve)
+        budget = ParameterBudget(source_params, target, cfg.prune_start, prune_end, curve)
         marks = [0, cfg.prune_start] + [cfg.prune_start + prune_tokens * i // 4 for i in (1, 2, 3)] + [prune_end]
         points = [(t, budget.budget(t)) for t in sorted(set(marks))]
         first = cfg.prune_start // tokens_per_step
