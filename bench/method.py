@@ -1,15 +1,27 @@
-"""The method benchmark: pruning-aware pretraining vs training from scratch vs one-shot pruning.
+"""The method study: does pruning *during* pretraining beat pruning once and training afterwards?
 
-At our scale on CPU: one corpus with a held-out split, a source S pretrained here, a target T of
-about a quarter of S, and the same token budget for every method:
-  (i)   pruning-aware pretraining S -> T (weight update none/obs x granularity 1/8),
-  (ii)  T from scratch, with (i)'s auto-designed architecture and with a uniform one of equal size,
-  (iii) one-shot pruning S -> T with the same saliency (K calibration batches), then recovery training.
-Prints and writes (bench/results/method.{json,md}) the held-out perplexity table, the
-architectures and the token counts.
+One corpus with whole held-out documents, one source S pretrained here until its held-out loss
+flattens, then, from that same S, at the same final size and the same training tokens:
+  (i)   pruning-aware pretraining S -> T (effllm-train's defaults),
+  (iii) one-shot pruning of S to T with the same saliency on K calibration batches (LLM-Pruner
+        style), then recovery training,
+for targets 0.12, 0.28 and 0.5 of S and three token budgets, 3 seeds per cell (the seed changes
+the data order and every run's randomness). Around the paper's ratio (0.28) at the middle budget:
+(i) with pruning phases of 0.3 and 0.9 of the budget, (i) with a front-loaded (cubic) budget
+curve, (iii) with first-order Taylor scores, (ii) training from scratch with (i)'s architecture
+and with a uniform one of equal size, and (i)/(iii) at 0.12 with hidden channels priced at 0.3 of
+their estimated saliency (the overpricing bench/stem_saliency.py measured on S).
 
-    python bench/method.py                 # the default corpus (the quickstart's), ~20 min on 2 idle cores
-    python bench/method.py --data my.jsonl --tokens 2M --source-tokens 4M
+Sizes are matched: (iii) is pruned to exactly the parameter count (i) reached in the same cell
+and seed, so every compared pair is within one small group (< 1%) of each other.
+
+    apt-get install linux-doc-6.1          # the default corpus (bench/method_corpus.py)
+    python bench/method.py                 # the CPU study, ~90 min on 2 idle cores, resumes finished cells
+    python bench/method.py --preset gpu    # one GPU, bf16, larger source (give it a bigger --data)
+    python bench/method.py --preset smoke  # seconds; what the tests run
+
+Writes bench/results/method.{json,md} and the plots beside them (--results elsewhere). A winner is
+called only where the gap between the means exceeds two standard errors; otherwise "tie".
 """
 
 from __future__ import annotations
@@ -17,190 +29,498 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
 from pathlib import Path
 
-import torch
-
-from effllm import EfficientLLMConfig, EfficientLLMForCausalLM
-from effllm.params import count_parameters, format_count, parse_count
-from effllm.recipe import TrainConfig
-from effllm.tokenizer import train_ascii_bpe
-from effllm.train import train
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # method_corpus, method_report beside this file
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def uniform_config_like(source: EfficientLLMConfig, target_params: int) -> EfficientLLMConfig:
+# ---- what to run ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    """Every size of a study. Budgets are fractions of the source's pretraining tokens."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    seq_len: int
+    batch_size: int
+    source_tokens: int
+    budgets: tuple[float, ...]
+    targets: tuple[float, ...]
+    seeds: tuple[int, ...]
+    extras: bool
+    calib_batches: int
+    source_evals: int  # points on S's held-out curve
+    workers: int  # cells run side by side (each with cores // workers threads)
+    corpus: str  # "linux-doc" or "embedded" (the quickstart's Python docs)
+    heldout_fraction: float
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    extra_seeds: tuple[int, ...] | None = None  # seeds of the cells around the core grid (default: seeds)
+    why: str = ""
+
+
+PRESETS = {
+    "cpu": Preset(
+        layers=6, hidden=128, heads=8, kv_heads=8, ffn=256, vocab=512, seq_len=128, batch_size=8,
+        source_tokens=1_200_000, budgets=(0.05, 0.1, 0.2), targets=(0.12, 0.28, 0.5), seeds=(1, 2, 3),
+        extras=True, calib_batches=16, source_evals=12, workers=2, corpus="linux-doc", heldout_fraction=0.0125,
+        why="S: 1.05M parameters, 6 layers, embedding 6.2% (the paper's source: ~6%), attention groups of "
+        "8K parameters (0.8% of S, fine enough to land within 1% of a target), pretrained on 1.2M tokens "
+        "(an eighth of the corpus: no token seen twice). Budgets of 5/10/20% of S's tokens (60K/120K/240K) "
+        "and ~100K held-out tokens keep the 90 runs of the study under 90 minutes on 2 cores.",
+    ),  # fmt: skip
+    "gpu": Preset(
+        layers=12, hidden=512, heads=8, kv_heads=4, ffn=1536, vocab=8192, seq_len=512, batch_size=64,
+        source_tokens=40_000_000, budgets=(0.05, 0.1, 0.2), targets=(0.12, 0.28, 0.5), seeds=(1, 2, 3),
+        extras=True, calib_batches=16, source_evals=20, workers=1, corpus="linux-doc", heldout_fraction=0.03,
+        lr=1e-3, warmup_steps=50,
+        why="S: ~42M parameters (embedding ~10%) on 40M tokens, budgets 2-8M tokens, bf16 on one GPU; "
+        "about 300M tokens in all. The default corpus has ~6M tokens: pass a larger --data.",
+    ),  # fmt: skip
+    "smoke": Preset(
+        layers=2, hidden=32, heads=2, kv_heads=1, ffn=64, vocab=256, seq_len=32, batch_size=4,
+        source_tokens=8_192, budgets=(0.5,), targets=(0.5,), seeds=(1, 2), extras=True, calib_batches=2,
+        source_evals=2, workers=1, corpus="embedded", heldout_fraction=0.1, extra_seeds=(1,),
+        why="a minute: every kind of cell once, what the tests run",
+    ),  # fmt: skip
+}
+
+PAP, ONESHOT, SCRATCH = "pruning-aware", "one-shot + recovery", "scratch"
+# Hidden-channel prices tried at the lowest target: 0.3 undoes the overpricing measured on S
+# (bench/stem_saliency.py); 0.12 and 0.1 are where one-shot selection on S narrows the hidden size to
+# about a half and a fifth (chosen from the architectures selection produces, before any training).
+STEM_PRICES = (0.3, 0.12, 0.1)
+DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: a method at a target size and a token budget, with one seed and one variant."""
+
+    method: str
+    target: float
+    budget: int
+    seed: int
+    variant: str = DEFAULT
+
+    @property
+    def key(self) -> str:
+        slug = {PAP: "pap", ONESHOT: "oneshot", SCRATCH: "scratch"}[self.method]
+        return f"{slug}-t{self.target}-b{self.budget}-{self.variant}-s{self.seed}"
+
+    @property
+    def group(self) -> tuple:
+        return (self.method, self.target, self.budget, self.variant)
+
+    def reference(self) -> Cell:
+        """The (i) run this cell is sized (and, for scratch-auto, shaped) after."""
+        return Cell(PAP, self.target, self.budget, self.seed)
+
+
+def stem_price(cell: Cell) -> float:
+    return float(cell.variant.removeprefix("stem-price")) if cell.variant.startswith("stem-price") else 1.0
+
+
+def build_grid(preset: Preset) -> list[Cell]:
+    budgets = [int(b * preset.source_tokens) for b in preset.budgets]
+    mid = budgets[len(budgets) // 2]
+    cells = [
+        Cell(method, target, budget, seed)
+        for target in preset.targets
+        for budget in budgets
+        for seed in preset.seeds
+        for method in (PAP, ONESHOT)
+    ]
+    if preset.extras:
+        around = min(preset.targets, key=lambda t: abs(t - 0.28))
+        low = min(preset.targets)
+        for seed in preset.extra_seeds or preset.seeds:
+            cells += [
+                Cell(PAP, around, mid, seed, "phase0.3"),
+                Cell(PAP, around, mid, seed, "phase0.9"),
+                Cell(PAP, around, mid, seed, "cubic"),
+                Cell(ONESHOT, around, mid, seed, "first-order"),
+                Cell(SCRATCH, around, mid, seed, "auto-arch"),
+                Cell(SCRATCH, around, mid, seed, "uniform-arch"),
+            ]
+            cells += [Cell(m, low, mid, seed, f"stem-price{price}") for price in STEM_PRICES for m in (PAP, ONESHOT)]
+    return cells
+
+
+# ---- the shared context of one study ----------------------------------------------------------
+@dataclass
+class Study:
+    root: Path
+    preset: Preset
+    data: list[str] | None
+    source_dir: Path | None = None
+    data_dir: Path | None = None
+    init_dir: Path | None = None
+    source_params: int = 0
+    base: dict = field(default_factory=dict)  # TrainConfig fields every run shares
+
+    def train_config(self, **changes):
+        from effllm.recipe import TrainConfig
+
+        return TrainConfig(**{**self.base, **changes})
+
+
+def make_base(study: Study) -> dict:
+    p = study.preset
+    return dict(
+        data=study.data, seq_len=p.seq_len, batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps,
+        eval_every=10**9, eval_windows=10**6, heldout_fraction=p.heldout_fraction, save_every=10**9, quiet=True,
+        overwrite=True, log_every=5,
+    )  # fmt: skip
+
+
+def finished_run(cfg) -> dict | None:
+    """The results of an earlier, completed run with exactly these settings (the study resumes)."""
+    out = Path(cfg.out)
+    if not (out / "results.json").is_file() or not (out / "run.json").is_file():
+        return None
+    stored = json.loads((out / "run.json").read_text())["config"]
+    try:  # settings added since that run take their defaults, which is what the run used
+        stored = asdict(type(cfg)(**stored))
+    except TypeError:
+        return None
+    if json.loads(json.dumps(stored, default=str)) != json.loads(json.dumps(asdict(cfg), default=str)):
+        return None
+    return json.loads((out / "results.json").read_text())
+
+
+def run_training(study: Study, cfg) -> dict:
+    """train(cfg), reusing a finished identical run and the study's one tokenized copy of the data."""
+    from effllm.train import train
+
+    result = finished_run(cfg)
+    if result is not None:
+        return result
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "data"
+    if study.data_dir is not None and not link.exists():
+        link.symlink_to(study.data_dir.resolve(), target_is_directory=True)  # same tokens, tokenized once
+    result = train(cfg)
+    if result.get("exit_code"):
+        raise SystemExit(f"{cfg.out}: training stopped (exit code {result['exit_code']}); rerun to resume the study")
+    return result
+
+
+def prepare(study: Study) -> dict:
+    """Corpus, tokenizer, the tokenized data and the trained source S (all reused when present)."""
+    import torch
+
+    from effllm import EfficientLLMConfig
+    from effllm.data import prepare_tokens
+    from effllm.params import count_parameters
+    from effllm.quickstart import tokenizer_texts
+    from effllm.tokenizer import train_ascii_bpe
+
+    p = study.preset
+    corpus_name = "your --data"
+    if study.data is None:
+        corpus_name = {"linux-doc": "the Linux kernel's documentation (Debian linux-doc)",
+                       "embedded": "the quickstart's Python docs"}[p.corpus]  # fmt: skip
+    if study.data is None and p.corpus == "linux-doc":
+        from method_corpus import write_corpus_jsonl
+
+        study.data = [str(write_corpus_jsonl(study.root / "corpus" / "linux-doc.jsonl"))]
+    study.base = make_base(study)
+    init_dir = study.root / "S-init"
+    if not (init_dir / "tokenizer.json").is_file():
+        torch.manual_seed(0)
+        tokenizer = train_ascii_bpe(tokenizer_texts(study.train_config()), vocab_size=p.vocab)
+        config = EfficientLLMConfig(
+            vocab_size=len(tokenizer), hidden_size=p.hidden, num_hidden_layers=p.layers,
+            num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, intermediate_size=p.ffn,
+            head_dim=p.hidden // p.heads, max_position_embeddings=max(1024, p.seq_len), tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        init_dir.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(init_dir)
+        tokenizer.save_pretrained(init_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    study.data_dir = study.root / "data"
+    cfg = study.train_config()
+    info = prepare_tokens(cfg.data, tokenizer, study.data_dir, heldout_fraction=p.heldout_fraction, show_progress=True)
+    study.init_dir = init_dir
+    steps = math.ceil(p.source_tokens / (p.seq_len * p.batch_size))
+    source_cfg = study.train_config(
+        init_config=str(init_dir), tokens=p.source_tokens, out=str(study.root / "S"), seed=0,
+        eval_every=max(1, steps // p.source_evals), eval_windows=128, warmup_steps=max(p.warmup_steps, steps // 50),
+    )  # fmt: skip
+    print(f"source S: pretraining on {p.source_tokens:,} tokens (reused when finished)", flush=True)
+    t0 = time.perf_counter()
+    result = run_training(study, source_cfg)
+    study.source_dir = Path(result["model_dir"])
+    evals = [json.loads(line) for line in (study.root / "S" / "evals.jsonl").read_text().splitlines() if line]
+    config = EfficientLLMConfig.from_pretrained(study.source_dir)
+    count = count_parameters(config)
+    embedding = count.embedding + count.lm_head
+    facts = {
+        "corpus": {
+            "name": corpus_name,
+            "train_tokens": info.train_tokens, "heldout_tokens": info.heldout_tokens,
+            "documents": {k: v for k, v in json.loads(info.meta_path.read_text()).items() if k.endswith("_documents")},
+        },
+        "source": {
+            "params": count.total, "embedding_params": embedding, "embedding_fraction": embedding / count.total,
+            "tokens": result["tokens"], "epochs": result["tokens"] / max(info.train_tokens, 1),
+            "heldout_ppl": result["final_heldout_ppl"], "layers": p.layers, "hidden": p.hidden,
+            "heads": p.heads, "kv_heads": p.kv_heads, "ffn": p.ffn, "vocab": len(tokenizer),
+            "seconds": time.perf_counter() - t0, "train_seconds": result["train_seconds"],
+            "curve": [{"tokens": e["tokens"], "heldout_loss": e["heldout_loss"]} for e in evals],
+        },
+    }  # fmt: skip
+    print(
+        f"source S: {count.total:,} parameters (embedding {embedding / count.total:.1%}), "
+        f"{result['tokens']:,} tokens, held-out ppl {result['final_heldout_ppl']:.2f}",
+        flush=True,
+    )
+    return facts
+
+
+# ---- one cell ---------------------------------------------------------------------------------
+def one_shot_prune_source(study: Study, cell: Cell, target_params: int, out: Path) -> Path:
+    """Prune S to ``target_params`` at once from K calibration batches (LLM-Pruner style)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from effllm import EfficientLLMForCausalLM
+    from effllm.data import TokenBatches, prepare_tokens
+    from effllm.fileio import staged_dir
+    from effllm.pruning import PruningConfig, one_shot_prune
+
+    pruned = out / "pruned"
+    marker = pruned / "oneshot.json"
+    settings = {"target_params": target_params, "variant": cell.variant, "seed": cell.seed}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return pruned
+    p = study.preset
+    tokenizer = AutoTokenizer.from_pretrained(study.source_dir)
+    info = prepare_tokens(study.base["data"], tokenizer, study.data_dir, heldout_fraction=p.heldout_fraction,
+                          show_progress=False)  # fmt: skip
+    stream = TokenBatches(info.train_path, info.dtype, p.seq_len, p.batch_size, seed=10_000 + cell.seed)
+    torch.manual_seed(cell.seed)
+    model = EfficientLLMForCausalLM.from_pretrained(study.source_dir, dtype=torch.float32)
+    batches = [stream.next_batch() for _ in range(p.calib_batches)]
+    pruning = PruningConfig(
+        taylor_order=1 if cell.variant == "first-order" else 2,
+        stem_price=stem_price(cell),
+    )
+    one_shot_prune(model, batches, target_params, pruning)
+    with staged_dir(pruned) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "oneshot.json").write_text(json.dumps(settings))
+    return pruned
+
+
+def uniform_config_like(source, target_params: int):
     """A human-designed uniform model of about target_params: the source's depth and head_dim, with
     hidden size, heads and FFN width scaled down together (FFN kept at the source's ratio)."""
+    from effllm import EfficientLLMConfig
+    from effllm.params import count_parameters
+
     heads, kv, ffn = source.layer_shapes()[0]
     best = None
-    for hidden in range(64, source.hidden_size + 1, 32):
+    for hidden in range(16, source.hidden_size + 1, 8):
         scale = hidden / source.hidden_size
         h = max(1, round(heads * scale))
         k = max(1, min(h, round(kv * scale)))
         while h % k:
             k -= 1
-        f = max(32, round(ffn * scale / 32) * 32)
-        cfg = EfficientLLMConfig(**{**source.to_dict(), "per_layer_config": None, "hidden_size": hidden,
-                                    "num_attention_heads": h, "num_key_value_heads": k, "intermediate_size": f})  # fmt: skip
-        gap = abs(count_parameters(cfg).total - target_params)
-        if best is None or gap < best[0]:
-            best = (gap, cfg)
+        for f in range(8, 2 * ffn + 1, 8):
+            cfg = EfficientLLMConfig(**{**source.to_dict(), "per_layer_config": None, "hidden_size": hidden,
+                                        "num_attention_heads": h, "num_key_value_heads": k, "intermediate_size": f})  # fmt: skip
+            gap = abs(count_parameters(cfg).total - target_params)
+            # closest size first, then the FFN ratio nearest the source's
+            rank = (gap > 0.01 * target_params, abs(f / hidden - ffn / source.hidden_size), gap)
+            if best is None or rank < best[0]:
+                best = (rank, cfg)
     return best[1]
 
 
-def finished_run(cfg: TrainConfig) -> dict | None:
-    """The results of an earlier, completed run with exactly these settings (the benchmark resumes)."""
-    out = Path(cfg.out)
-    if not (out / "results.json").is_file() or not (out / "run.json").is_file():
-        return None
-    stored = json.loads((out / "run.json").read_text())["config"]
-    if stored != json.loads(json.dumps(asdict(cfg), default=str)):
-        return None
-    print("          (reusing the finished run in", out, ")", flush=True)
-    return json.loads((out / "results.json").read_text())
+def save_init(config, tokenizer_dir: Path, path: Path) -> str:
+    from transformers import AutoTokenizer
 
-
-def save_init(config: EfficientLLMConfig, tokenizer, path: Path) -> str:
     path.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return str(path)
 
 
-def one_shot_source(source_dir: Path, base: TrainConfig, target: int, granularity: int, calib_batches: int, out: Path):
-    """Prune the trained source to the target at once from K calibration batches (LLM-Pruner style)."""
-    from transformers import AutoTokenizer
+def run_cell(study: Study, cell: Cell, reference: dict | None) -> dict:
+    """Train one cell; ``reference`` is the finished (i) row of the same target, budget and seed."""
+    from effllm import EfficientLLMConfig
 
-    from effllm.data import TokenBatches, prepare_tokens
-    from effllm.pruning import PruningConfig, one_shot_prune
-
-    tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    info = prepare_tokens(
-        base.data, tokenizer, out / "data", heldout_fraction=base.heldout_fraction, show_progress=False
-    )
-    stream = TokenBatches(info.train_path, info.dtype, base.seq_len, base.batch_size, seed=base.seed + 1)
-    model = EfficientLLMForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
-    batches = [stream.next_batch() for _ in range(calib_batches)]
-    one_shot_prune(model, batches, target, PruningConfig(granularity=granularity))
-    model.save_pretrained(out / "pruned")
-    tokenizer.save_pretrained(out / "pruned")
-    return out / "pruned"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", nargs="+", help="training text (any effllm-train --data); default: the quickstart corpus")
-    p.add_argument("--out", default="runs/method", help="working directory for the runs")
-    p.add_argument("--source-tokens", type=parse_count, default=parse_count("600K"), help="tokens to pretrain S")
-    p.add_argument("--tokens", type=parse_count, default=parse_count("300K"), help="token budget of every method")
-    p.add_argument("--target-fraction", type=float, default=0.25, help="T's size as a fraction of S")
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--ffn", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--calib-batches", type=int, default=16, help="one-shot saliency batches (K)")
-    p.add_argument(
-        "--variants", default="none-1,none-8,obs-1,obs-8", help="pruning-aware variants: weightupdate-granularity"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-
-    from effllm.quickstart import tokenizer_texts
-
-    base = TrainConfig(data=args.data, seq_len=256, batch_size=16, lr=1e-3, warmup_steps=20, eval_every=10**9,
-                       eval_windows=10**6, heldout_fraction=0.05, save_every=10**9, quiet=True, overwrite=True,
-                       seed=args.seed)  # fmt: skip
-    tokenizer = train_ascii_bpe(tokenizer_texts(base), vocab_size=args.vocab)
-    source_config = EfficientLLMConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, intermediate_size=args.ffn,
-        head_dim=args.hidden // args.heads, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    rows: list[dict] = []
-    started = time.perf_counter()
-
-    def run(name: str, cfg: TrainConfig, note: str) -> dict:
-        t0 = time.perf_counter()
-        print(f"[{time.perf_counter() - started:7.0f}s] {name}: {note}", flush=True)
-        result = finished_run(cfg)
-        if result is None:
-            result = train(cfg)
-        row = {"method": name, "note": note, "params": result["final_params"], "tokens": result["tokens"],
-               "heldout_ppl": result["final_heldout_ppl"], "start_ppl": result["source_heldout_ppl"],
-               "layer_shapes": result["layer_shapes"], "hidden_size": result["hidden_size"],
-               "seconds": time.perf_counter() - t0}  # fmt: skip
-        print(f"          -> {format_count(row['params'])} params, held-out ppl {row['heldout_ppl']:.2f} "
-              f"({row['seconds']:.0f}s)", flush=True)  # fmt: skip
-        rows.append(row)
-        return result
-
-    # S: the trained source
-    source_run = run("source S", replace(base, init_config=save_init(source_config, tokenizer, out / "S-init"),
-                                         tokens=args.source_tokens, out=str(out / "S")), "pretrained from scratch")  # fmt: skip
-    source_dir = Path(source_run["model_dir"])
-    target = int(args.target_fraction * source_run["final_params"])
-
-    # (i) pruning-aware pretraining
-    auto_arch = None
-    for variant in args.variants.split(","):
-        update, gran = variant.split("-")
-        result = run(f"(i) pruning-aware, {update}, g{gran}",
-                     replace(base, source=str(source_dir), target_params=str(target), tokens=args.tokens,
-                             weight_update=update, granularity=int(gran), out=str(out / f"pap-{variant}")),
-                     "S -> T over the first 60% of the tokens, then continued pretraining")  # fmt: skip
-        if auto_arch is None:
-            auto_arch = EfficientLLMConfig.from_pretrained(result["model_dir"])
-
-    # (ii) from scratch: the auto-designed architecture, and a uniform one of equal size
-    run("(ii) scratch, auto-designed arch", replace(base, init_config=save_init(auto_arch, tokenizer, out / "auto-init"),
-        tokens=args.tokens, out=str(out / "scratch-auto")), "random init, (i)'s architecture")  # fmt: skip
-    uniform = uniform_config_like(source_config, target)
-    run("(ii) scratch, uniform arch", replace(base, init_config=save_init(uniform, tokenizer, out / "uniform-init"),
-        tokens=args.tokens, out=str(out / "scratch-uniform")), "random init, human-designed uniform shape")  # fmt: skip
-
-    # (iii) one-shot pruning, then recovery training
-    calib_tokens = args.calib_batches * base.batch_size * base.seq_len
-    pruned = one_shot_source(source_dir, base, target, 1, args.calib_batches, out / "oneshot")
-    run("(iii) one-shot + recovery", replace(base, source=str(pruned), tokens=args.tokens, out=str(out / "oneshot-run")),
-        f"one-shot from {args.calib_batches} batches ({calib_tokens:,} tokens), then recovery")  # fmt: skip
-
-    write_results(rows, args, target, time.perf_counter() - started)
-    return 0
+    out = study.root / "runs" / cell.key
+    source_params = study.source_params
+    target = int(round(cell.target * source_params))
+    cfg_kw = dict(tokens=cell.budget, seed=cell.seed, out=str(out))
+    if cell.method == PAP:
+        extra = {
+            "phase0.3": {"prune_fraction": 0.3},
+            "phase0.9": {"prune_fraction": 0.9},
+            "cubic": {"budget_curve": "cubic"},
+        }.get(cell.variant, {"stem_price": stem_price(cell)} if cell.variant.startswith("stem-price") else {})
+        cfg = study.train_config(source=str(study.source_dir), target_params=str(target), **cfg_kw, **extra)
+    elif cell.method == ONESHOT:
+        matched = reference["params"]  # exactly (i)'s final size: the pair differs by < one group
+        pruned = one_shot_prune_source(study, cell, matched, out)
+        cfg = study.train_config(source=str(pruned), **cfg_kw)
+    else:
+        source = EfficientLLMConfig.from_pretrained(study.source_dir)
+        if cell.variant == "auto-arch":
+            arch = EfficientLLMConfig.from_pretrained(reference["model_dir"])
+        else:
+            arch = uniform_config_like(source, reference["params"])
+        init = save_init(arch, study.source_dir, out / "init")
+        cfg = study.train_config(init_config=init, **cfg_kw)
+    t0 = time.perf_counter()
+    result = run_training(study, cfg)
+    return {
+        **asdict(cell), "key": cell.key, "params": result["final_params"], "tokens": result["tokens"],
+        "heldout_ppl": result["final_heldout_ppl"], "start_ppl": result["source_heldout_ppl"],
+        "layer_shapes": result["layer_shapes"], "hidden_size": result["hidden_size"],
+        "parameters": result["parameters"], "model_dir": result["model_dir"], "seconds": time.perf_counter() - t0,
+        "train_seconds": result["train_seconds"], "target_params": target,
+    }  # fmt: skip
 
 
-def write_results(rows: list[dict], args, target: int, seconds: float) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"Source S: {format_count(rows[0]['params'])} parameters, pretrained on {rows[0]['tokens']:,} tokens. "
-        f"Target T: {format_count(target)} ({args.target_fraction:.0%} of S). Every method below trains on "
-        f"{args.tokens:,} tokens; held-out perplexity on the same held-out documents. Total {seconds / 60:.0f} min.",
-        "",
-        "| method | params | tokens | held-out ppl | architecture (heads/ffn per layer, hidden) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in rows:
-        arch = " ".join(f"{h}/{f}" for h, _, f in r["layer_shapes"]) + f", d={r['hidden_size']}"
-        lines.append(
-            f"| {r['method']} | {format_count(r['params'])} | {r['tokens']:,} | {r['heldout_ppl']:.2f} | {arch} |"
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_cell_job(study: Study, cell: Cell, reference: dict | None) -> dict:
+    return run_cell(study, cell, reference)
+
+
+def run_stage(study: Study, cells: list[Cell], rows: dict, workers: int, started: float, total: int) -> None:
+    """Run cells (each needing its reference row, if any, already in ``rows``), ``workers`` at a time."""
+    threads = max(1, (os.cpu_count() or 2) // workers)
+    todo = [c for c in cells if c.key not in rows]
+
+    def report(cell: Cell, row: dict) -> None:
+        rows[cell.key] = row
+        print(
+            f"[{(time.perf_counter() - started) / 60:5.1f} min] {len(rows):3d}/{total} {cell.key}: "
+            f"{row['params']:,} params, held-out ppl {row['heldout_ppl']:.2f} ({row['seconds']:.0f} s)",
+            flush=True,
         )
-    table = "\n".join(lines)
-    print("\n" + table)
-    (RESULTS / "method.md").write_text(table + "\n\nCommand: `python bench/method.py " + " ".join(sys.argv[1:]) + "`\n")
-    (RESULTS / "method.json").write_text(json.dumps({"rows": rows, "target": target, "seconds": seconds,
-                                                      "args": vars(args)}, indent=1, default=str))  # fmt: skip
-    if not all(math.isfinite(r["heldout_ppl"]) for r in rows):
-        print("warning: a run diverged (non-finite perplexity)")
+
+    refs = {c.key: rows.get(c.reference().key) if c.method != PAP else None for c in todo}
+    if workers <= 1:
+        import torch
+
+        before = torch.get_num_threads()
+        _worker_init(threads)
+        try:
+            for cell in todo:
+                report(cell, run_cell(study, cell, refs[cell.key]))
+        finally:
+            torch.set_num_threads(before)  # a caller in the same process (a test) keeps its setting
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as pool:  # fmt: skip
+        futures = {pool.submit(_run_cell_job, study, c, refs[c.key]): c for c in todo}
+        for future in as_completed(futures):
+            report(futures[future], future.result())
+
+
+# ---- statistics -------------------------------------------------------------------------------
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean, standard deviation and standard error of the held-out perplexity per cell."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target"], r["budget"], r["variant"]), []).append(r)
+    out = []
+    for (method, target, budget, variant), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        ppl = [r["heldout_ppl"] for r in rs]
+        sd = statistics.stdev(ppl) if len(ppl) > 1 else float("nan")
+        out.append({
+            "method": method, "target": target, "budget": budget, "variant": variant, "n": len(ppl),
+            "ppl_mean": statistics.fmean(ppl), "ppl_sd": sd, "ppl_se": sd / math.sqrt(len(ppl)),
+            "ppl": ppl, "params_mean": statistics.fmean(r["params"] for r in rs),
+            "hidden_sizes": sorted({r["hidden_size"] for r in rs}),
+        })  # fmt: skip
+    return out
+
+
+def compare(a: dict, b: dict, names: tuple[str, str] | None = None) -> dict:
+    """b relative to a: the gap in mean perplexity, its standard error and the verdict (2 SE rule):
+    the name of the lower-perplexity side (``names``, default the two methods) or "tie"."""
+    name_a, name_b = names or (a["method"], b["method"])
+    gap = b["ppl_mean"] - a["ppl_mean"]
+    se = math.sqrt(a["ppl_se"] ** 2 + b["ppl_se"] ** 2)
+    if not math.isfinite(se) or abs(gap) <= 2 * se:
+        verdict = "tie"
+    else:
+        verdict = name_a if gap > 0 else name_b
+    return {"gap": gap, "gap_pct": 100 * gap / a["ppl_mean"], "se": se,
+            "gap_in_se": gap / se if se > 0 else float("inf"), "winner": verdict}  # fmt: skip
+
+
+# ---- main -------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    from effllm.errors import run_cli
+
+    return run_cli("method.py", lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    from effllm.params import count_parameters
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="study size (default: cpu)")
+    p.add_argument("--data", nargs="+", help="your own corpus (any effllm-train --data); default: the preset's")
+    p.add_argument("--out", help="working directory for the runs (default: runs/method-<preset>)")
+    p.add_argument("--results", default=str(RESULTS), help="where method.{json,md} and the plots go")
+    p.add_argument("--workers", type=int, help="cells run side by side (default: the preset's)")
+    p.add_argument("--stage", choices=["source", "all"], default="all", help="'source' stops after S")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    if args.workers:
+        preset = replace(preset, workers=args.workers)
+    root = Path(args.out or f"runs/method-{args.preset}")
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    study = Study(root=root, preset=preset, data=args.data)
+    facts = prepare(study)
+    from effllm import EfficientLLMConfig
+
+    study.source_params = count_parameters(EfficientLLMConfig.from_pretrained(study.source_dir)).total
+    if args.stage == "source":
+        return 0
+    cells = build_grid(preset)
+    print(f"{len(cells)} runs: {preset.why}", flush=True)
+    rows: dict[str, dict] = {}
+    first = [c for c in cells if c.method == PAP]
+    run_stage(study, first, rows, preset.workers, started, len(cells))
+    run_stage(study, [c for c in cells if c.method != PAP], rows, preset.workers, started, len(cells))
+    from method_report import write_results
+
+    write_results(Path(args.results), cells, rows, facts, preset, args, time.perf_counter() - started)
+    return 0
 
 
 if __name__ == "__main__":

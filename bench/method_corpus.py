@@ -1,0 +1,54 @@
+"""The method study's default corpus: the Linux kernel's documentation, English prose, offline.
+
+Debian ships it as a package (GPL-2.0, like the kernel): one command installs it,
+
+    apt-get install linux-doc-6.1        # ~37 MB download, ~24 MB of reStructuredText
+
+Every .rst file under Documentation/ (minus translations/, which is not English) is one document,
+about 2,800 documents and ~6M tokens with the study's 1,024-token BPE: enough for a source
+pretrained on a few million tokens that does not repeat its data, and 100K+ held-out tokens of
+whole documents. Any other corpus works through ``bench/method.py --data``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+from effllm.errors import EffllmError
+
+DOC_ROOTS = sorted(Path("/usr/share/doc").glob("linux-doc-*/Documentation"))
+INSTALL_HINT = "apt-get install linux-doc-6.1"
+
+
+def linux_doc_files() -> list[Path]:
+    """The English .rst(.gz) documents of the newest installed linux-doc package, in a stable order."""
+    if not DOC_ROOTS:
+        raise EffllmError(
+            f"the study corpus is not installed: run `{INSTALL_HINT}` (Debian), or pass your own text with --data"
+        )
+    root = DOC_ROOTS[-1]
+    files = [p for p in root.rglob("*.rst*") if "translations" not in p.relative_to(root).parts]
+    return sorted(files)
+
+
+def read_document(path: Path) -> str:
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return raw.decode("utf-8", errors="replace")
+
+
+def write_corpus_jsonl(out: Path) -> Path:
+    """Write the corpus as JSONL (one document a line) once; reused while it exists."""
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w") as f:
+        for path in linux_doc_files():
+            text = read_document(path).strip()
+            if len(text) >= 200:  # stubs and index pages carry no prose
+                f.write(json.dumps({"text": text}) + "\n")
+    os.replace(tmp, out)
+    return out
