@@ -4,12 +4,47 @@ method.md (the tables a person reads) and the plots. Numbers in, files out: no t
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
-from method import DEFAULT, ONESHOT, PAP, SCRATCH, compare, summarize
+from method_grid import DEFAULT, ONESHOT, PAP, SCRATCH
 
 from effllm.fileio import write_atomic, write_json_atomic
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean, standard deviation and standard error of the held-out perplexity per cell."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["target"], r["budget"], r["variant"]), []).append(r)
+    out = []
+    for (method, target, budget, variant), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        ppl = [r["heldout_ppl"] for r in rs]
+        sd = statistics.stdev(ppl) if len(ppl) > 1 else float("nan")
+        out.append({
+            "method": method, "target": target, "budget": budget, "variant": variant, "n": len(ppl),
+            "ppl_mean": statistics.fmean(ppl), "ppl_sd": sd, "ppl_se": sd / math.sqrt(len(ppl)),
+            "ppl": ppl, "params_mean": statistics.fmean(r["params"] for r in rs),
+            "hidden_sizes": sorted({r["hidden_size"] for r in rs}),
+        })  # fmt: skip
+    return out
+
+
+def compare(a: dict, b: dict, names: tuple[str, str] | None = None) -> dict:
+    """b relative to a: the gap in mean perplexity, its standard error and the verdict (2 SE rule):
+    the name of the lower-perplexity side (``names``, default the two methods) or "tie"."""
+    name_a, name_b = names or (a["method"], b["method"])
+    gap = b["ppl_mean"] - a["ppl_mean"]
+    se = math.sqrt(a["ppl_se"] ** 2 + b["ppl_se"] ** 2)
+    if not math.isfinite(se) or abs(gap) <= 2 * se:
+        verdict = "tie"
+    else:
+        verdict = name_a if gap > 0 else name_b
+    return {"gap": gap, "gap_pct": 100 * gap / a["ppl_mean"], "se": se,
+            "gap_in_se": gap / se if se > 0 else float("inf"), "winner": verdict}  # fmt: skip
+
 
 VARIANT_NAMES = {
     (PAP, DEFAULT): "(i) pruning-aware (defaults: linear budget, phase 0.6)",

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     from effllm.pruning.groups import ModelShapes
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from method import PRESETS
+    from method_grid import PRESETS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", default="runs/method-cpu", help="a method study's directory (its S and data)")
