@@ -99,9 +99,12 @@ def write_results(results: Path, cells, rows: dict, facts: dict, preset, args, s
             names = ("(iii) defaults" if ref_method == ONESHOT else "(i) defaults", "this cell")
             extras.append({"cell": variant_name(s["method"], s["variant"]), "stats": s, "reference": ref,
                            "reference_name": names[0], **compare(ref, s, names)})  # fmt: skip
+    # no machine paths in the results: a run is named by its directory under the study's runs/
+    public_rows = [{**{k: v for k, v in r.items() if k != "model_dir"}, "run_dir": f"runs/{r['key']}"}
+                   for r in all_rows]  # fmt: skip
     report = {
         "preset": args.preset, "why": preset.why, "seconds": seconds, "corpus": facts["corpus"],
-        "source": facts["source"], "rows": all_rows, "cells": stats, "core": core, "extras": extras,
+        "source": facts["source"], "rows": public_rows, "cells": stats, "core": core, "extras": extras,
         "max_size_gap_pair": max(size_gaps) if size_gaps else None,
         "train_minutes": (sum(r["train_seconds"] for r in all_rows) + facts["source"]["train_seconds"]) / 60,
     }  # fmt: skip

@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         print(f"{n + 1}/{len(units)} {kind} {layer} {index}: true {row['true']:.3e}, "
               f"per_token {row['per_token']:.3e}, group {row['group']:.3e}", flush=True)  # fmt: skip
     result = {"model": "the method study's source S", "base_loss": base, "sizes": sizes, "rows": rows,
-              "analysis": analyse(rows, sizes), "args": {k: v for k, v in vars(args).items() if k != "results"}}  # fmt: skip
+              "analysis": analyse(rows, sizes), "args": {k: v for k, v in vars(args).items() if k not in ("results", "study")}}  # fmt: skip
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stem_saliency.json").write_text(json.dumps(result, indent=1))
