@@ -75,6 +75,7 @@ class TrainConfig:
     # pruning
     granularity: int = _f(1, "FFN and hidden channels are pruned in blocks of N so widths stay multiples of N")
     weight_update: str = _f("none", "local second-order weight update when a group is removed", choices=["none", "obs"])
+    obs_damping: float = _f(0.01, "with --weight-update obs: damping lambda as a fraction of the mean Hessian diagonal")
     ema_beta: float = _f(0.99, "decay of the saliency moving averages (per optimizer step)")
     fisher: str = _f(
         "per_token",

@@ -72,19 +72,14 @@ def pruning_end(cfg: TrainConfig, target_params: int | None) -> int:
 
 def pruning_config(cfg: TrainConfig):
     """The run's PruningConfig; its own checks become TrainErrors."""
+    from dataclasses import fields
+
     from .pruning import PruningConfig
 
+    # every pruning knob the training config has, by name: a new knob needs no copying code here
+    knobs = {f.name: getattr(cfg, f.name) for f in fields(PruningConfig) if hasattr(cfg, f.name)}
     try:
-        return PruningConfig(
-            granularity=cfg.granularity,
-            ema_beta=cfg.ema_beta,
-            min_heads_per_layer=cfg.min_heads_per_layer,
-            min_ffn_per_layer=cfg.min_ffn_per_layer,
-            min_hidden_size=cfg.min_hidden_size,
-            weight_update=cfg.weight_update,
-            fisher=cfg.fisher,
-            stem_price=cfg.stem_price,
-        )
+        return PruningConfig(**knobs)
     except ValueError as err:
         raise TrainError(str(err)) from None
 

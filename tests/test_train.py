@@ -255,3 +255,21 @@ def test_one_text_file_just_works_and_tokenize_only(workspace, corpus, tmp_path)
     r = run_cli(*[a for a in args if a != "--quiet"])  # the run then starts in the same --out and reuses the data
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reusing tokenized data" in r.stdout and (tmp_path / "run" / "results.json").is_file()
+
+
+def test_every_pruning_knob_reaches_the_pruning_config_and_bad_values_are_train_errors():
+    from dataclasses import fields
+
+    from effllm.pruning import PruningConfig
+    from effllm.recipe import TrainConfig
+    from effllm.train import TrainError
+    from effllm.train_plan import pruning_config
+
+    knobs = dict(granularity=8, ema_beta=0.9, min_heads_per_layer=2, min_ffn_per_layer=16, min_hidden_size=64,
+                 weight_update="obs", obs_damping=0.05, fisher="group", stem_price=0.5)  # fmt: skip
+    built = pruning_config(TrainConfig(**knobs))
+    assert {k: getattr(built, k) for k in knobs} == knobs
+    # the one PruningConfig field training does not take: the one-shot baseline's score order
+    assert {f.name for f in fields(PruningConfig)} - {f.name for f in fields(TrainConfig)} == {"taylor_order"}
+    with pytest.raises(TrainError, match="stem_price must be > 0"):
+        pruning_config(TrainConfig(stem_price=0))
