@@ -66,7 +66,7 @@ def test_smoke_study_runs_every_cell_with_matched_sizes_and_resumes(tmp_path):
     assert method.main(argv) == 0
     report = json.loads((results / "method.json").read_text())
     cells = grid.build_grid(grid.PRESETS["smoke"])
-    assert len(report["rows"]) == len(cells) == 2 * 2 + 6 + 2 * len(grid.STEM_PRICES)
+    assert len(report["rows"]) == len(cells) == 2 * 2 + 6 + 2 * len(grid.PRESETS["smoke"].stem_prices)
     rows = {r["key"]: r for r in report["rows"]}
     for cell in cells:
         row = rows[cell.key]
