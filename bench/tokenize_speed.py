@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         f"repeated), built offline. Tokenizer: {result['tokenizer']}. Shards of {args.shard_chars:,} characters; "
         "one tokenizer thread per process. The token streams of all runs are identical (checked).",
         "",
-        f"Machine: {os.cpu_count()} CPU cores, shared with other jobs while this ran (a long benchmark of "
-        "another project part was running), so the numbers carry that load:",
+        f"Machine: {os.cpu_count()} CPU cores; the load average before and after the run says how busy they were "
+        "(the control below says how much a second process could gain at the time):",
         "",
         f"- before: `{load_before}`",
         f"- after: `{load_after}`",
