@@ -119,8 +119,10 @@ def train_main(argv: list[str] | None = None) -> int:
         if cfg.source == QUICKSTART_SOURCE and not cfg.init_config and not cfg.resume:
             from .quickstart import build_quickstart_source
             from .train import check_out_dir
+            from .train_plan import pruning_config
 
             check_out_dir(Path(cfg.out), cfg)  # before the source is trained, not after
+            pruning_config(cfg)  # bad pruning knobs too: nothing written for a run that cannot start
 
             cfg = replace(cfg, source=str(build_quickstart_source(cfg)))
         return train(cfg).get("exit_code", 0)

@@ -273,3 +273,12 @@ def test_every_pruning_knob_reaches_the_pruning_config_and_bad_values_are_train_
     assert {f.name for f in fields(PruningConfig)} - {f.name for f in fields(TrainConfig)} == {"taylor_order"}
     with pytest.raises(TrainError, match="stem_price must be > 0"):
         pruning_config(TrainConfig(stem_price=0))
+
+
+def test_bad_pruning_knob_stops_the_quickstart_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "effllm.cli", "--stem-price", "0", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["effllm-train: error: stem_price must be > 0 (got 0.0); 1 prices hidden channels as measured"]
+    assert not out.exists()
