@@ -52,7 +52,7 @@ class Study:
     data: list[str] | None
     source_dir: Path | None = None
     data_dir: Path | None = None
-    init_dir: Path | None = None
+    tokens: object = None  # effllm.data.TokenData of data_dir, prepared once by prepare()
     source_params: int = 0
     base: dict = field(default_factory=dict)  # TrainConfig fields every run shares
 
@@ -138,7 +138,7 @@ def prepare(study: Study) -> dict:
     study.data_dir = study.root / "data"
     cfg = study.train_config()
     info = prepare_tokens(cfg.data, tokenizer, study.data_dir, heldout_fraction=p.heldout_fraction, show_progress=True)
-    study.init_dir = init_dir
+    study.tokens = info
     steps = math.ceil(p.source_tokens / (p.seq_len * p.batch_size))
     source_cfg = study.train_config(
         init_config=str(init_dir), tokens=p.source_tokens, out=str(study.root / "S"), seed=0,
@@ -182,7 +182,7 @@ def one_shot_prune_source(study: Study, cell: Cell, target_params: int, out: Pat
     from transformers import AutoTokenizer
 
     from effllm import EfficientLLMForCausalLM
-    from effllm.data import TokenBatches, prepare_tokens
+    from effllm.data import TokenBatches
     from effllm.fileio import staged_dir
     from effllm.pruning import PruningConfig, one_shot_prune
 
@@ -193,8 +193,7 @@ def one_shot_prune_source(study: Study, cell: Cell, target_params: int, out: Pat
         return pruned
     p = study.preset
     tokenizer = AutoTokenizer.from_pretrained(study.source_dir)
-    info = prepare_tokens(study.base["data"], tokenizer, study.data_dir, heldout_fraction=p.heldout_fraction,
-                          show_progress=False)  # fmt: skip
+    info = study.tokens
     stream = TokenBatches(info.train_path, info.dtype, p.seq_len, p.batch_size, seed=10_000 + cell.seed)
     torch.manual_seed(cell.seed)
     model = EfficientLLMForCausalLM.from_pretrained(study.source_dir, dtype=torch.float32)
@@ -289,10 +288,6 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_cell_job(study: Study, cell: Cell, reference: dict | None) -> dict:
-    return run_cell(study, cell, reference)
-
-
 def run_stage(study: Study, cells: list[Cell], rows: dict, workers: int, started: float, total: int) -> None:
     """Run cells (each needing its reference row, if any, already in ``rows``), ``workers`` at a time."""
     threads = max(1, (os.cpu_count() or 2) // workers)
@@ -320,7 +315,7 @@ def run_stage(study: Study, cells: list[Cell], rows: dict, workers: int, started
         return
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as pool:  # fmt: skip
-        futures = {pool.submit(_run_cell_job, study, c, refs[c.key]): c for c in todo}
+        futures = {pool.submit(run_cell, study, c, refs[c.key]): c for c in todo}
         for future in as_completed(futures):
             report(futures[future], future.result())
 
