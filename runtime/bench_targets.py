@@ -44,10 +44,10 @@ def quantization_of(variant: str) -> str:
 
 
 def model_bytes(path: Path) -> int:
-    """Bytes of the model itself: model.onnx(+.data), model.pte, or the weight files of a model directory."""
+    """Bytes of the model itself: model.onnx(+.data), model.pte, model.gguf, or the weight files of a model directory."""
     if path.is_file():
         return path.stat().st_size
-    names = ("model.onnx", "model.pte", "model.safetensors", "model-", "pytorch_model")
+    names = ("model.onnx", "model.pte", "model.gguf", "model.safetensors", "model-", "pytorch_model")
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.startswith(names))
 
 

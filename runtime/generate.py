@@ -10,6 +10,8 @@ it (prefill, sampling with :mod:`effllm.runtime.sampling`, EOS, streaming, timin
     executorch         model.pte in the ExecuTorch runtime (XNNPACK), KV cache inside the program
     executorch-runner  model.pte in ExecuTorch's C++ TextLLMRunner: the code Android's LlmModule runs;
                        it samples on its own (greedy or temperature only)
+    llamacpp           model.gguf in llama.cpp (llama-cpp-python's bindings), its own KV cache (F16 as
+                       llama.cpp's users run it)
 
 This module imports neither torch nor a runtime: each backend module is imported when chosen. Which
 files a backend runs for a MODEL argument is :mod:`effllm.runtime.model_files`' job.
@@ -46,6 +48,10 @@ def load_backend(backend: str, path: str | Path, threads: int | None = None) -> 
         from .executorch_backend import ExecuTorchBackend
 
         return ExecuTorchBackend(path, threads=threads)
+    if backend == "llamacpp":
+        from .llamacpp_backend import LlamaCppBackend
+
+        return LlamaCppBackend(path, threads=threads)
     raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

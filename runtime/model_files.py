@@ -1,8 +1,9 @@
 """Where a model's files are: the torch model directory, the export variants, and which one a backend runs.
 
 MODEL may be a model directory (effllm-train: config.json, model.safetensors, tokenizer.json), an
-export directory (effllm-export: onnx/, onnx-int8/, onnx-int4/, executorch/, executorch-8da4w/), one
-variant directory of it, a model.onnx / model.pte file, or a run directory holding model/ and export/.
+export directory (effllm-export: onnx/, onnx-int8/, onnx-int4/, executorch/, executorch-8da4w/, gguf/,
+gguf-q8_0/, ...), one variant directory of it, a model.onnx / model.pte / model.gguf file, or a run directory
+holding model/ and export/.
 A model directory finds its export beside it (model -> export, as effllm-train and effllm-export lay
 them out, or DIR -> DIR-export) and vice versa. Standard library only.
 """
@@ -14,16 +15,18 @@ from pathlib import Path
 
 from .backend import GenerationError
 
-BACKENDS = ("torch", "onnxruntime", "genai", "executorch", "executorch-runner")
+BACKENDS = ("torch", "onnxruntime", "genai", "executorch", "executorch-runner", "llamacpp")
 FORMAT_OF_BACKEND = {
     "torch": "hf",
     "onnxruntime": "onnx",
     "genai": "onnx",
     "executorch": "pte",
     "executorch-runner": "pte",
+    "llamacpp": "gguf",
 }
-FP32_VARIANT = {"onnx": "onnx", "pte": "executorch"}
-AUTO_ORDER = ("onnxruntime", "executorch", "torch")  # what "auto" picks, first available
+FP32_VARIANT = {"onnx": "onnx", "pte": "executorch", "gguf": "gguf"}
+AUTO_ORDER = ("onnxruntime", "executorch", "llamacpp", "torch")  # what "auto" picks, first available
+VARIANT_FILES = {"model.onnx": "onnx", "model.pte": "pte", "model.gguf": "gguf"}  # the file that marks each format
 DEFAULT_EXPORT = Path("runs/quickstart/export")
 DEFAULT_MODEL = Path("runs/quickstart/model")
 WEIGHT_FILES = (
@@ -37,7 +40,7 @@ WEIGHT_FILES = (
 @dataclass
 class Located:
     backend: str
-    path: Path  # what load_backend takes: model dir (torch), variant dir (onnx, genai), model.pte (executorch)
+    path: Path  # what load_backend takes: model dir (torch), variant dir (onnx, genai, llamacpp), model.pte (executorch)
     variant: str  # "model" for torch, else the export variant's directory name
     tokenizer: Path  # tokenizer.json
 
@@ -59,11 +62,7 @@ def is_model_dir(path: Path) -> bool:
 
 
 def variant_format(path: Path) -> str | None:
-    if (path / "model.onnx").is_file():
-        return "onnx"
-    if (path / "model.pte").is_file():
-        return "pte"
-    return None
+    return next((fmt for name, fmt in VARIANT_FILES.items() if (path / name).is_file()), None)
 
 
 def export_variants(export_dir: Path) -> dict[str, tuple[str, Path]]:
@@ -95,13 +94,13 @@ def find_model_files(model: Path) -> ModelFiles:
     if not model.exists():
         raise GenerationError(
             f"{model} does not exist; give a model directory (effllm-train), an export directory "
-            "(effllm-export), one of its variant directories, or a model.onnx / model.pte file"
+            "(effllm-export), one of its variant directories, or a model.onnx / model.pte / model.gguf file"
         )
     files = ModelFiles()
     if model.is_file():
-        fmt = {".onnx": "onnx", ".pte": "pte"}.get(model.suffix)
+        fmt = {".onnx": "onnx", ".pte": "pte", ".gguf": "gguf"}.get(model.suffix)
         if fmt is None:
-            raise GenerationError(f"{model} is neither a .onnx nor a .pte file; give a model or export directory")
+            raise GenerationError(f"{model} is not a .onnx, .pte or .gguf file; give a model or export directory")
         files.variants[model.parent.name] = (fmt, model.parent)
         return files
     fmt = variant_format(model)
@@ -124,8 +123,8 @@ def find_model_files(model: Path) -> ModelFiles:
         if files.variants or files.hf:
             return files
     raise GenerationError(
-        f"{model} holds no model: expected config.json + model.safetensors (a model directory), model.onnx or "
-        "model.pte (an exported variant), or variant subdirectories such as onnx/ and executorch/ (effllm-export)"
+        f"{model} holds no model: expected config.json + model.safetensors (a model directory), model.onnx, "
+        "model.pte or model.gguf (an exported variant), or variant subdirectories such as onnx/ and gguf/ (effllm-export)"
     )
 
 
@@ -141,7 +140,7 @@ def locate(model: str | Path, backend: str = "auto", variant: str | None = None)
     if backend == "auto":
         if variant is not None:
             fmt = "hf" if variant == "model" else files.variants[variant][0]
-            backend = {"hf": "torch", "onnx": "onnxruntime", "pte": "executorch"}[fmt]
+            backend = {"hf": "torch", "onnx": "onnxruntime", "pte": "executorch", "gguf": "llamacpp"}[fmt]
         else:
             backend = next(b for b in AUTO_ORDER if FORMAT_OF_BACKEND[b] in files.formats())
     fmt = FORMAT_OF_BACKEND[backend]
@@ -165,7 +164,9 @@ def locate(model: str | Path, backend: str = "auto", variant: str | None = None)
     elif candidates:
         name = FP32_VARIANT[fmt] if FP32_VARIANT[fmt] in candidates else sorted(candidates)[0]
     else:
-        what = "an ONNX export (model.onnx)" if fmt == "onnx" else "an ExecuTorch export (model.pte)"
+        what = {"onnx": "an ONNX export (model.onnx)", "pte": "an ExecuTorch export (model.pte)"}.get(
+            fmt, "a GGUF export (model.gguf)"
+        )
         raise GenerationError(
             f"--backend {backend} needs {what} and none was found from {model}; run effllm-export on the model "
             "directory first, or choose another --backend"

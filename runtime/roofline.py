@@ -120,11 +120,27 @@ def weights_per_token(target: Target) -> tuple[int | None, str]:
             return safetensors_bytes_per_token(path), "model.safetensors as float32"
         if FORMAT_OF_BACKEND[target.backend] == "onnx":
             return onnx_bytes_per_token(path / "model.onnx"), "ONNX initializers"
+        if FORMAT_OF_BACKEND[target.backend] == "gguf":
+            return gguf_bytes_per_token(path / "model.gguf" if path.is_dir() else path), "GGUF tensors"
         if target.config_path:
             return pte_bytes_per_token(Path(target.config_path), target.quantization), "estimated from config.json"
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None, "unknown (no config.json found beside the export)"
+
+
+def gguf_bytes_per_token(model_file: Path) -> int:
+    """Bytes of the GGUF's weights one decode step reads: all but the embedding table, of which one row
+    (all of it when it is also the output projection: tied embeddings, no output.weight)."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(model_file)).tensors}
+    total = sum(int(t.n_bytes) for t in tensors.values())
+    embedding = tensors.get("token_embd.weight")
+    if embedding is not None and "output.weight" in tensors:
+        rows = int(embedding.shape[-1])
+        total -= int(embedding.n_bytes) - int(embedding.n_bytes) // rows
+    return total
 
 
 def roofline_tokens_per_s(bandwidth: float | None, bytes_per_token: int | None) -> float | None:
