@@ -182,9 +182,9 @@ def one_shot_prune_source(study: Study, cell: Cell, target_params: int, out: Pat
     from transformers import AutoTokenizer
 
     from effllm import EfficientLLMForCausalLM
-    from effllm.data import TokenBatches
     from effllm.fileio import staged_dir
     from effllm.pruning import PruningConfig, one_shot_prune
+    from effllm.token_batches import TokenBatches
 
     pruned = out / "pruned"
     marker = pruned / "oneshot.json"

@@ -1,23 +1,18 @@
-"""Training data: text -> memory-mapped token shards -> deterministic, resumable, DDP-sharded batches.
+"""Preparing the training data: text -> memory-mapped token shards, described by meta.json.
 
 ``prepare_tokens`` tokenizes the sources (see data_sources.py) with the model's tokenizer into
 shards: ``out_dir/tokens-<fingerprint>/train-NNNNN.bin`` and ``heldout-NNNNN.bin`` (flat arrays,
 each document followed by eos), described by ``out_dir/meta.json``; it reuses them while the
 sources and tokenizer are unchanged; the held-out split is also written whole as
-``out_dir/heldout.bin`` (for effllm-eval and effllm-export). The document stream is cut into chunks of about
-``shard_chars`` characters, one pair of shards each, tokenized by ``num_proc`` processes (the bytes
-do not depend on the number); only a bounded number of chunks is in memory at a time, so a corpus
-far larger than RAM streams through. Every finished chunk is on disk for good (see shards.py): a
-preparation killed at any moment continues from its finished chunks when called again.
+``out_dir/heldout.bin`` (for effllm-eval and effllm-export). Which text is held out is decided in
+heldout_split.py; the document stream is cut into chunks of about ``shard_chars`` characters, one
+pair of shards each, tokenized by ``num_proc`` processes (shards.py; the bytes do not depend on the
+number); only a bounded number of chunks is in memory at a time, so a corpus far larger than RAM
+streams through. Every finished chunk is on disk for good: a preparation killed at any moment
+continues from its finished chunks when called again.
 
-Held-out text is whole documents (every ``round(1 / heldout_fraction)``-th); a single text file is
-one document, so for it the held-out split is the end of the file instead.
-
-``TokenBatches`` reads the train shards as one stream, in windows of ``seq_len + 1`` tokens with
-stride ``seq_len`` (inputs never overlap and every token after the first is a label exactly once),
-in a seeded order reshuffled each epoch; the windows do not depend on how the stream is sharded.
-Its ``state_dict`` is the position a checkpoint stores. ``evaluate_batches`` and
-``unigram_perplexity`` serve held-out evaluation.
+Reading the shards back (training batches, held-out windows, the unigram baseline) is
+token_batches.py.
 """
 
 from __future__ import annotations
@@ -27,40 +22,21 @@ import json
 import os
 import shutil
 import time
-from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .data_sources import (
-    DataError,
-    Source,
-    fingerprint,
-    iter_pieces,
-    resolve_sources,
-    tokenizer_fingerprint,
-)
+from . import heldout_split
+from .data_sources import DataError, Source, fingerprint, resolve_sources, tokenizer_fingerprint
 from .fileio import write_json_atomic
-from .shards import Chunk, Encoder, encode_chunk, finished_chunk, init_worker, shard_names, tokenizer_spec
+from .shards import Encoder, cut_into_chunks, encode_chunks, shard_names, tokenizer_spec
 
-__all__ = [
-    "DataError",
-    "TokenData",
-    "TokenShards",
-    "prepare_tokens",
-    "TokenBatches",
-    "evaluate_batches",
-    "unigram_perplexity",
-]
+__all__ = ["DataError", "TokenData", "prepare_tokens"]
 
 FORMAT_VERSION = 2
 SHARD_CHARS = 16 << 20  # characters of text per chunk: ~4M tokens, one pair of shard files
-READ_CHUNK = 1 << 24  # tokens per chunk when scanning shards
 WAIT_POLL_S = 2.0  # how often a waiting rank looks for the data rank 0 prepares
-OPEN_SHARDS = 64  # memory maps kept open at a time (each holds a file descriptor)
 
 
 @dataclass
@@ -129,119 +105,6 @@ def _info(root: Path, meta: dict, reused: bool, notes: list[str] | None = None) 
         reused=reused,
         notes=notes or [],
     )
-
-
-# ---- the document stream, cut into chunks ---------------------------------------------------------
-def _marked_pieces(sources: list[Source], text_field: str, split: str, every: int) -> Iterator[tuple]:
-    """(piece, end_of_document, held_out): every ``every``-th document is held out, whole."""
-    doc_index = 0
-    for source in sources:
-        for piece, end in iter_pieces(source, text_field, split):
-            yield piece, end, (doc_index + 1) % every == 0
-            doc_index += end
-
-
-def _single_file_pieces(path: str, heldout_fraction: float, note: list[str]) -> Iterator[tuple]:
-    """One text file is one document: train on its beginning, hold out its last ``heldout_fraction``."""
-    size = os.path.getsize(path)
-    cut = size - max(1, round(size * heldout_fraction))  # bytes of training text
-    seen, held = 0, False
-    for piece, end in iter_pieces(Source("text", path)):
-        if held:
-            yield piece, end, True
-            continue
-        nbytes = len(piece.encode("utf-8", "replace"))
-        if seen + nbytes <= cut and not end:
-            seen += nbytes
-            yield piece, False, False
-            continue
-        # this piece holds the cut: split it after a line break near the cut (or exactly at it)
-        k = min(len(piece) - 1, max(0, round((cut - seen) * len(piece) / max(nbytes, 1))))
-        j = piece.rfind("\n", 0, k) + 1 or k
-        head, tail = piece[:j], piece[j:]
-        if head or seen:
-            yield head, True, False
-        held = True
-        held_bytes = nbytes - len(head.encode("utf-8", "replace")) + size - seen - nbytes
-        note.append(
-            f"one text file: holding out its last {held_bytes:,} bytes ({held_bytes / max(size, 1):.1%}) "
-            "for evaluation, training on the rest"
-        )
-        yield tail, end, True
-
-
-def _chunks(pieces: Iterator[tuple], shard_chars: int) -> Iterator[Chunk]:
-    chunk = Chunk(0)
-    for piece in pieces:
-        chunk.pieces.append(piece)
-        chunk.chars += len(piece[0])
-        if chunk.chars >= shard_chars:
-            yield chunk
-            chunk = Chunk(chunk.index + 1)
-    if chunk.pieces:
-        yield chunk
-
-
-def _encode_all(chunks, build: Path, encoder: Encoder, num_proc: int, max_tokens: int | None, bar) -> list[dict]:
-    """Every chunk's counts, in order: reused when already on disk, else tokenized by ``num_proc``
-    processes with at most 2 chunks per process in flight (so memory stays flat)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    dtype = encoder.dtype.name
-    pool = None
-    if num_proc > 1:
-        args = (encoder.spec, encoder.eos, dtype, encoder.vocab_size)
-        pool = ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=init_worker, initargs=args)
-    results: list[dict] = []
-    total = 0
-    pending: deque = deque()
-
-    def finish(chunk: Chunk, result: dict) -> bool:
-        """Record ``result``; True when the token cap is reached (tokenization stops)."""
-        nonlocal total
-        n = result["train_tokens"] + result["heldout_tokens"]
-        if max_tokens is not None and total + n >= max_tokens:
-            chunk.cap = max_tokens - total  # redo this chunk, stopping at the first piece end at the cap
-            result = finished_chunk(build, chunk.index, dtype, chunk.cap) or encode_chunk(chunk, build, encoder)
-            n = result["train_tokens"] + result["heldout_tokens"]
-        results.append(result)
-        total += n
-        bar.update(n)
-        return result["capped"]
-
-    try:
-        stopped = False
-        for chunk in chunks:
-            done = finished_chunk(build, chunk.index, dtype, None)
-            if done is not None:
-                pending.append((chunk, done))
-            elif pool is None:
-                pending.append((chunk, encode_chunk(chunk, build, encoder)))
-            else:
-                pending.append((chunk, pool.submit(encode_chunk, chunk, str(build))))
-            while pending and (len(pending) > 2 * num_proc or not hasattr(pending[0][1], "result")):
-                chunk0, result = pending.popleft()
-                if finish(chunk0, result if isinstance(result, dict) else result.result()):
-                    stopped = True
-                    break
-            if stopped:
-                break
-        while pending and not stopped:
-            chunk0, result = pending.popleft()
-            stopped = finish(chunk0, result if isinstance(result, dict) else result.result())
-    finally:
-        for _, result in pending:
-            if not isinstance(result, dict):
-                result.cancel()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    last = results[-1]["index"] if results else -1
-    for path in build.iterdir():  # chunks after the cap (tokenized in parallel before it was known)
-        stem = path.name.split(".")[0].rsplit("-", 1)[-1]
-        if stem.isdigit() and int(stem) > last:
-            path.unlink(missing_ok=True)
-    return results
 
 
 def _check_token_dir(source: Source, tokenizer, vocab_size: int) -> TokenData:
@@ -356,15 +219,16 @@ def prepare_tokens(
     build.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     if single:
-        pieces = _single_file_pieces(sources[0].name, heldout_fraction, notes)
+        pieces = heldout_split.end_of_file(sources[0].name, heldout_fraction, notes)
     else:
-        pieces = _marked_pieces(sources, text_field, split, every)
+        pieces = heldout_split.every_nth_document(sources, text_field, split, every)
     encoder = Encoder(tokenizer_spec(tokenizer), eos, dtype, vocab_size)
     if resumed and show_progress:
         print(f"continuing the tokenization in {build} from its finished shards", flush=True)
     try:
         with tqdm(total=max_tokens, unit="tok", unit_scale=True, desc="tokenizing", disable=not show_progress) as bar:
-            results = _encode_all(_chunks(pieces, shard_chars or SHARD_CHARS), build, encoder, num_proc, max_tokens, bar)
+            chunks = cut_into_chunks(pieces, shard_chars or SHARD_CHARS)
+            results = encode_chunks(chunks, build, encoder, num_proc, max_tokens, bar)
         counts = {
             k: sum(r[k] for r in results)
             for k in ("train_tokens", "heldout_tokens", "train_documents", "heldout_documents")
@@ -429,185 +293,3 @@ def prepare_tokens(
             f"and {counts['heldout_tokens']:,} held-out tokens ({dtype})"
         )
     return _info(out, meta | {"dir": build.name}, reused=False, notes=notes)
-
-
-# ---- reading shards -------------------------------------------------------------------------------
-def _paths(path) -> list[Path]:
-    if isinstance(path, (str, os.PathLike)):
-        return [Path(path)]
-    return [Path(p) for p in path]
-
-
-class TokenShards:
-    """Token files read as one stream (memory maps opened lazily, at most OPEN_SHARDS at a time)."""
-
-    def __init__(self, paths: Sequence | str | os.PathLike, dtype):
-        self.paths, self.dtype = _paths(paths), np.dtype(dtype)
-        sizes = []
-        for path in self.paths:
-            if not path.is_file():
-                raise DataError(f"token file '{path}' does not exist: run prepare_tokens first")
-            size = path.stat().st_size
-            if size % self.dtype.itemsize:
-                raise DataError(
-                    f"token file '{path}' has {size} bytes, not a whole number of {self.dtype}: pass meta.json's dtype"
-                )
-            sizes.append(size // self.dtype.itemsize)
-        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def describe(self) -> str:
-        return str(self.paths[0]) if len(self.paths) == 1 else f"{self.paths[0].parent} ({len(self.paths)} shards)"
-
-    def _map(self, i: int) -> np.ndarray:
-        if i in self._maps:
-            self._maps.move_to_end(i)
-            return self._maps[i]
-        m = np.memmap(self.paths[i], dtype=self.dtype, mode="r")
-        self._maps[i] = m
-        if len(self._maps) > OPEN_SHARDS:
-            self._maps.popitem(last=False)
-        return m
-
-    def read(self, start: int, end: int) -> np.ndarray:
-        """Tokens [start, end) of the stream (across shard boundaries)."""
-        parts = []
-        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        while start < end:
-            while self.offsets[i + 1] <= start:  # skip empty shards
-                i += 1
-            lo, hi = start - self.offsets[i], min(end, self.offsets[i + 1]) - self.offsets[i]
-            parts.append(self._map(i)[lo:hi])
-            start = int(self.offsets[i]) + int(hi)
-        return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
-
-    def chunks(self, size: int = READ_CHUNK) -> Iterator[np.ndarray]:
-        for start in range(0, len(self), size):
-            yield self.read(start, min(len(self), start + size))
-
-
-def _gather(tokens: TokenShards, windows: np.ndarray, seq_len: int) -> torch.Tensor:
-    rows = [tokens.read(int(w) * seq_len, int(w) * seq_len + seq_len + 1) for w in windows]
-    return torch.from_numpy(np.stack(rows).astype(np.int64))
-
-
-def _n_windows(tokens: TokenShards, seq_len: int, what: str) -> int:
-    n = (len(tokens) - 1) // seq_len if len(tokens) else 0
-    if n < 1:
-        raise DataError(
-            f"{what} '{tokens.describe()}' holds {len(tokens)} tokens, fewer than one window of seq_len+1="
-            f"{seq_len + 1}: use more data or a smaller seq_len"
-        )
-    return n
-
-
-class TokenBatches:
-    """Endless batches [batch_size, seq_len + 1] of windows of a token file, seeded and resumable.
-
-    Window i is tokens[i*seq_len : i*seq_len + seq_len + 1]. Each epoch visits all windows in the order
-    of a permutation drawn from numpy's default_rng((seed, epoch)). A step consumes world_size *
-    batch_size consecutive entries of that order (continuing into the next epoch's order when one
-    ends); rank r takes entries r, r + world_size, ... of them.
-    """
-
-    def __init__(self, path, dtype, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if seq_len < 1 or batch_size < 1:
-            raise DataError(f"seq_len={seq_len} and batch_size={batch_size} must be positive: pass positive values")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is not in [0, world_size={world_size}): pass the process's own rank")
-        self.dtype = np.dtype(dtype)
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.tokens = TokenShards(path, dtype)
-        self.n_windows = _n_windows(self.tokens, seq_len, "training data")
-        self.epoch, self.position = 0, 0
-        self._order: tuple[int, np.ndarray] | None = None
-
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.seq_len
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(self.n_windows))
-        return self._order[1]
-
-    def next_batch(self) -> torch.Tensor:
-        need, parts = self.batch_size * self.world_size, []
-        while need:
-            if self.position == self.n_windows:
-                self.epoch, self.position = self.epoch + 1, 0
-            take = min(need, self.n_windows - self.position)
-            parts.append(self._permutation(self.epoch)[self.position : self.position + take])
-            self.position += take
-            need -= take
-        windows = np.concatenate(parts)[self.rank :: self.world_size]
-        return _gather(self.tokens, windows, self.seq_len)
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        while True:
-            yield self.next_batch()
-
-    def state_dict(self) -> dict:
-        return dict(
-            epoch=self.epoch,
-            position=self.position,
-            seed=self.seed,
-            seq_len=self.seq_len,
-            n_windows=self.n_windows,
-            batch_size=self.batch_size,
-            world_size=self.world_size,
-        )
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seq_len") != self.seq_len or state.get("n_windows") != self.n_windows:
-            raise DataError(
-                f"the data position is for {state.get('n_windows')} windows of seq_len {state.get('seq_len')}, "
-                f"this data has {self.n_windows} of seq_len {self.seq_len}: resume with the same data and seq_len"
-            )
-        if not 0 <= int(state["position"]) <= self.n_windows:
-            raise DataError(f"data position {state['position']} is out of range: the checkpoint is corrupt")
-        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
-        self._order = None
-
-
-def evaluate_batches(
-    path, dtype, seq_len: int, max_windows: int | None = None, batch_size: int = 8
-) -> Iterator[torch.Tensor]:
-    """Held-out windows in order (stride seq_len, the tail shorter than a window dropped), as
-    LongTensors [n <= batch_size, seq_len + 1]; at most ``max_windows`` windows."""
-    tokens = TokenShards(path, dtype)
-    n = _n_windows(tokens, seq_len, "held-out data")
-    n = n if max_windows is None else min(n, max_windows)
-
-    def batches():
-        for start in range(0, n, batch_size):
-            yield _gather(tokens, np.arange(start, min(n, start + batch_size)), seq_len)
-
-    return batches()
-
-
-def _bincount(path, dtype, vocab_size: int) -> np.ndarray:
-    tokens = TokenShards(path, dtype)
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for part in tokens.chunks():
-        chunk = np.bincount(part, minlength=vocab_size)
-        if len(chunk) > vocab_size:
-            raise DataError(
-                f"'{tokens.describe()}' holds token id {len(chunk) - 1} >= vocab_size {vocab_size}: pass meta's vocab_size"
-            )
-        counts += chunk
-    return counts
-
-
-def unigram_perplexity(train_path, heldout_path, dtype, vocab_size: int) -> float:
-    """Held-out perplexity of an add-one-smoothed unigram model fit on train: the baseline to beat."""
-    counts = _bincount(train_path, dtype, vocab_size) + 1.0
-    log_p = np.log(counts) - np.log(counts.sum())
-    held = _bincount(heldout_path, dtype, vocab_size)
-    if held.sum() == 0:
-        raise DataError(f"held-out data '{TokenShards(heldout_path, dtype).describe()}' is empty: prepare data with a non-empty held-out split")
-    return float(np.exp(-(held * log_p).sum() / held.sum()))

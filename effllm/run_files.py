@@ -78,7 +78,7 @@ class JsonlLog:
 
 
 def prepare_data(cfg: TrainConfig, out: Path, info: D.DistInfo, tokenizer, plan: Plan):
-    """Tokenized train/held-out files in <out>/data (effllm.data's DataInfo), and run.json.
+    """Tokenized train/held-out files in <out>/data (effllm.data.TokenData), and run.json.
 
     Rank 0 tokenizes; the others wait and read the same files. run.json is written first, so that
     a run killed while it tokenizes continues with --resume; bad data removes it again."""

@@ -112,13 +112,13 @@ class RunState:
     info: D.DistInfo
     out: Path
     plan: Plan
-    data: object  # effllm.data's DataInfo: train/held-out token files
+    data: object  # effllm.data.TokenData: train/held-out token files
     model: EfficientLLMForCausalLM
     tokenizer: object
     optimizer: torch.optim.AdamW
     pruner: object | None  # effllm.pruning.Pruner; None without a target
     budget: object | None  # effllm.pruning.ParameterBudget; None without a target
-    stream: object  # effllm.data.TokenBatches, this rank's share of the batches
+    stream: object  # effllm.token_batches.TokenBatches, this rank's share of the batches
     metrics: JsonlLog
     prune_log: JsonlLog
     evals: JsonlLog
@@ -184,8 +184,8 @@ class RunState:
 def build_state(cfg: TrainConfig, info: D.DistInfo, out: Path, start: Start, plan: Plan, pruning_cfg, data) -> RunState:
     """The model on its device with optimizer, pruner, budget, stream and logs; on --resume their
     saved states, the RNG states and the logs cut back to the checkpoint's step; then the net."""
-    from .data import TokenBatches
     from .pruning import ParameterBudget, Pruner
+    from .token_batches import TokenBatches
 
     model, device = start.model, info.device
     model.to(device)

@@ -1,9 +1,10 @@
-"""Tokenizing one chunk of documents into one pair of token shards: the unit of parallel work.
+"""Tokenizing the document stream into token shards, one chunk of documents at a time.
 
-The main process (data.prepare_tokens) cuts the document stream into chunks of about
-``shard_chars`` characters and decides, for every document, whether it is training or held-out
-text. A chunk goes to ``encode_chunk`` (in the main process, or in a worker process started with
-``init_worker``), which writes ``train-NNNNN.bin`` and ``heldout-NNNNN.bin`` and, last, a small
+The main process (data.prepare_tokens) decides for every document whether it is training or held-out
+text (heldout_split.py); ``cut_into_chunks`` cuts that stream into chunks of about ``shard_chars``
+characters, the unit of parallel work. A chunk goes to ``encode_chunk`` (in the main process, or in
+a worker process started with ``init_worker``; ``encode_chunks`` schedules them and stops at the
+token cap), which writes ``train-NNNNN.bin`` and ``heldout-NNNNN.bin`` and, last, a small
 ``NNNNN.json`` holding the counts; each file is written to a temporary name and renamed, so a
 chunk whose JSON exists is complete even after a SIGKILL. The output of a chunk depends only on
 the chunk, so any number of processes writes the same bytes.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,3 +173,78 @@ def finished_chunk(out_dir: Path, index: int, dtype: str, cap: int | None) -> di
         return result if ok and result.get("cap") == cap else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def cut_into_chunks(pieces: Iterator[tuple], shard_chars: int) -> Iterator[Chunk]:
+    """The piece stream in consecutive chunks of at least ``shard_chars`` characters (the last may be shorter)."""
+    chunk = Chunk(0)
+    for piece in pieces:
+        chunk.pieces.append(piece)
+        chunk.chars += len(piece[0])
+        if chunk.chars >= shard_chars:
+            yield chunk
+            chunk = Chunk(chunk.index + 1)
+    if chunk.pieces:
+        yield chunk
+
+
+def encode_chunks(chunks, build: Path, encoder: Encoder, num_proc: int, max_tokens: int | None, bar) -> list[dict]:
+    """Every chunk's counts, in order: reused when already on disk, else tokenized by ``num_proc``
+    processes with at most 2 chunks per process in flight (so memory stays flat)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    dtype = encoder.dtype.name
+    pool = None
+    if num_proc > 1:
+        args = (encoder.spec, encoder.eos, dtype, encoder.vocab_size)
+        pool = ProcessPoolExecutor(num_proc, mp_context=get_context("spawn"), initializer=init_worker, initargs=args)
+    results: list[dict] = []
+    total = 0
+    pending: deque = deque()
+
+    def finish(chunk: Chunk, result: dict) -> bool:
+        """Record ``result``; True when the token cap is reached (tokenization stops)."""
+        nonlocal total
+        n = result["train_tokens"] + result["heldout_tokens"]
+        if max_tokens is not None and total + n >= max_tokens:
+            chunk.cap = max_tokens - total  # redo this chunk, stopping at the first piece end at the cap
+            result = finished_chunk(build, chunk.index, dtype, chunk.cap) or encode_chunk(chunk, build, encoder)
+            n = result["train_tokens"] + result["heldout_tokens"]
+        results.append(result)
+        total += n
+        bar.update(n)
+        return result["capped"]
+
+    try:
+        stopped = False
+        for chunk in chunks:
+            done = finished_chunk(build, chunk.index, dtype, None)
+            if done is not None:
+                pending.append((chunk, done))
+            elif pool is None:
+                pending.append((chunk, encode_chunk(chunk, build, encoder)))
+            else:
+                pending.append((chunk, pool.submit(encode_chunk, chunk, str(build))))
+            while pending and (len(pending) > 2 * num_proc or not hasattr(pending[0][1], "result")):
+                chunk0, result = pending.popleft()
+                if finish(chunk0, result if isinstance(result, dict) else result.result()):
+                    stopped = True
+                    break
+            if stopped:
+                break
+        while pending and not stopped:
+            chunk0, result = pending.popleft()
+            stopped = finish(chunk0, result if isinstance(result, dict) else result.result())
+    finally:
+        for _, result in pending:
+            if not isinstance(result, dict):
+                result.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    last = results[-1]["index"] if results else -1
+    for path in build.iterdir():  # chunks after the cap (tokenized in parallel before it was known)
+        stem = path.name.split(".")[0].rsplit("-", 1)[-1]
+        if stem.isdigit() and int(stem) > last:
+            path.unlink(missing_ok=True)
+    return results

@@ -80,7 +80,7 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def heldout_loss(model, heldout_path, dtype, seq_len: int, max_windows: int, device, autocast) -> float:
     """Mean next-token loss on the first ``max_windows`` held-out windows (deterministic)."""
-    from .data import evaluate_batches
+    from .token_batches import evaluate_batches
 
     was_training = model.training
     model.eval()
@@ -263,7 +263,7 @@ def run_loop(state: RunState) -> int:
 # ---- the result -----------------------------------------------------------------------------------
 def finish(state: RunState) -> dict:
     """The last checkpoint, the final model in <out>/model, results.json and the report (rank 0)."""
-    from .data import unigram_perplexity
+    from .token_batches import unigram_perplexity
 
     cfg, plan, info, model, ledger, data = state.cfg, state.plan, state.info, state.model, state.ledger, state.data
     state.save()
