@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+from .cli_args import CliParser
 from .errors import run_cli
 from .recipe import QUICKSTART_SOURCE, RecipeError, TrainConfig, add_arguments, build_config, recipe_names
 
@@ -34,10 +35,10 @@ EPILOG = """examples:
 """
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> CliParser:
     from .pruning.config import DEFAULTS_HELP
 
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="effllm-train",
         description=DESCRIPTION + "\nPruning " + DEFAULTS_HELP[0].lower() + DEFAULTS_HELP[1:],
         epilog=EPILOG,

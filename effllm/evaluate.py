@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import quiet_library_logs
+from .cli_args import CliParser
 from .errors import EffllmError, first_line, run_cli
 from .fileio import write_atomic, write_json_atomic
 
@@ -160,8 +161,8 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def parser() -> CliParser:
+    p = CliParser(
         prog="effllm-eval",
         description="Held-out perplexity (sliding window) and zero-shot tasks (lm-evaluation-harness) of a model "
         "directory. With no arguments: the quickstart result on its held-out split.",

@@ -18,8 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from effllm.runtime.cli_args import CliParser
-
+from effllm.cli_args import CliParser
 from effllm.errors import run_cli
 
 from .inputs import DEFAULT_MODEL_DIR, DEFAULT_OUT, GROUP_SIZES, resolve_plan

@@ -14,9 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from effllm.cli_args import CliParser, nonnegative_int, positive_int
 from effllm.errors import EXIT_INTERRUPTED, EffllmError, first_line, run_cli
-
-from .cli_args import CliParser, nonnegative_int, positive_int
 
 DEFAULT_PROMPT = "The return statement"
 EXIT_RUNTIME_FAILED = 1

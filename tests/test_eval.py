@@ -130,3 +130,12 @@ def test_cli_offline_tasks_is_one_line_in_a_fresh_process(model_dir, tmp_path, c
     assert "custom code" not in run.stderr and "to instantiate a model of type" not in run.stderr, run.stderr
     assert "torchao" not in run.stderr and "_pytree" not in run.stderr, run.stderr  # quieted at the entry point
     assert not (tmp_path / "report").exists()
+
+
+def test_usage_error_is_one_line_and_exit_2(capsys):
+    """argparse's own errors in the style of every effllm command (effllm.cli_args.CliParser)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--window", "wide"])
+    assert exit_.value.code == 2
+    message = "argument --window: invalid int value: 'wide'"
+    assert capsys.readouterr().err.splitlines() == [f"effllm-eval: error: {message}; see effllm-eval --help"]

@@ -282,3 +282,20 @@ def test_bad_pruning_knob_stops_the_quickstart_before_anything_is_written(tmp_pa
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == ["effllm-train: error: stem_price must be > 0 (got 0.0); 1 prices hidden channels as measured"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--world-size", "two", "--dry-run"], "argument --world-size: invalid int value: 'two'"),
+    ],
+)
+def test_usage_error_is_one_line_and_exit_2(argv, message, capsys):
+    """argparse's own errors in the style of every effllm command (effllm.cli_args.CliParser)."""
+    from effllm.cli import train_main
+
+    with pytest.raises(SystemExit) as exit_:
+        train_main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"effllm-train: error: {message}; see effllm-train --help"]

@@ -1,8 +1,9 @@
 """What every effllm command line shares: one usage-error style, and whole-number argument types.
 
 A usage error is one line on stderr, ``PROG: error: MESSAGE; see PROG --help``, and exit code 2: the
-same shape as the bad-input errors effllm.errors.run_cli reports. effllm-generate, effllm-bench and
-effllm-export build their parsers on :class:`CliParser`.
+same shape as the bad-input errors effllm.errors.run_cli reports. Every command (effllm-train,
+effllm-eval, effllm-export, effllm-generate, effllm-bench) builds its parser on :class:`CliParser`; it
+lives in the core so that runtime and export can import it (imports run core <- runtime <- export).
 """
 
 from __future__ import annotations
