@@ -6,6 +6,8 @@ Output layout (one self-contained directory per variant, so each can be copied o
     OUT/onnx-int4/          the same, int4 weight-only (MatMulNBits)
     OUT/executorch/         model.pte (XNNPACK), tokenizer.json (runs in ExecuTorch's TextLLMRunner)
     OUT/executorch-8da4w/   the same, 8-bit dynamic activations / 4-bit weights
+    OUT/gguf/               model.gguf (llama.cpp arch "deci", f16 or f32), tokenizer.json (runs in llama.cpp, ollama)
+    OUT/gguf-q8_0/, gguf-q4_0/, gguf-q4_k_m/   the same, quantized by llama.cpp's own quantizer
     OUT/verify.json, OUT/verify.md   the parity checks (see verify.py)
 
 The formats themselves: docs/formats.md. This module is the command line; inputs.py checks it
@@ -32,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "Export an EfficientLLM model directory (irregular per-layer shapes allowed) to ONNX "
-            "(onnxruntime / onnxruntime-genai) and ExecuTorch (.pte for phones), and verify every "
+            "(onnxruntime / onnxruntime-genai), ExecuTorch (.pte for phones) and GGUF (llama.cpp), and verify every "
             "exported file against torch. With no arguments: exports runs/quickstart/model "
-            "(effllm-train's quickstart result) to both formats in runs/quickstart/export."
+            "(effllm-train's quickstart result) to every format in runs/quickstart/export."
         ),
         epilog=(
             "Exit codes: 0 exported and verified; 1 exported, but a verification threshold was missed "
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--format",
-        choices=("onnx", "executorch", "all"),
+        choices=("onnx", "executorch", "gguf", "all"),
         default="all",
         help="which format(s) to export (default: all)",
     )
@@ -65,10 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         nargs="+",
         default=["none"],
-        choices=("none", "int8", "int4", "8da4w", "all"),
+        choices=("none", "int8", "int4", "8da4w", "q8_0", "q4_0", "q4_k_m", "all"),
         help="quantized variants to add to the fp32 export: int8 (ONNX, dynamic), int4 (ONNX, weight-only "
-        "MatMulNBits), 8da4w (ExecuTorch, int8 dynamic activations + int4 weights); 'all' = every one that "
-        "applies to --format (default: none, fp32 only)",
+        "MatMulNBits), 8da4w (ExecuTorch, int8 dynamic activations + int4 weights), q8_0 / q4_0 / q4_k_m (GGUF, "
+        "llama.cpp's quantizer); 'all' = every one that applies to --format (default: none, fp32 only)",
+    )
+    parser.add_argument(
+        "--gguf-dtype",
+        choices=("f16", "f32"),
+        default="f16",
+        help="weights of the gguf variant: f16 (half the size; what llama.cpp users run) or f32 (matches torch "
+        "to 1e-4); the gguf-q* variants are quantized from it (default: f16)",
     )
     parser.add_argument(
         "--group-size",

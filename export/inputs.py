@@ -7,7 +7,7 @@ unwritable output) is checked here, before any slow work starts; the message nam
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from effllm.runtime.model_files import WEIGHT_FILES, sibling_export
@@ -19,8 +19,9 @@ from .heldout import find_train_heldout
 
 DEFAULT_MODEL_DIR = Path("runs/quickstart/model")
 DEFAULT_OUT = Path("runs/quickstart/export")
-FORMATS = ("onnx", "executorch")
-QUANTIZATIONS = {"int8": "onnx", "int4": "onnx", "8da4w": "executorch"}  # method -> the format it applies to
+FORMATS = ("onnx", "executorch", "gguf")
+# method -> the format it applies to; the gguf ones are llama.cpp's own quantization types
+QUANTIZATIONS = {"int8": "onnx", "int4": "onnx", "8da4w": "executorch", "q8_0": "gguf", "q4_0": "gguf", "q4_k_m": "gguf"}
 GROUP_SIZES = (32, 64, 128, 256)  # int4 blocks / 8da4w groups: XNNPACK needs multiples of 32
 MIN_SEQ_LEN = 16
 
@@ -29,7 +30,7 @@ MIN_SEQ_LEN = 16
 class Variant:
     name: str  # also the output subdirectory
     format: str
-    quantization: str  # "fp32" or a key of QUANTIZATIONS
+    quantization: str  # "fp32", "f16" (the gguf variant's default weights) or a key of QUANTIZATIONS
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Plan:
     verify: bool
     eval_text: Path | None  # --eval-text (UTF-8)
     heldout_bin: Path | None  # else effllm-train's held-out token ids, if found
+    gguf_dtype: str = "f16"  # weights of the gguf variant (the quantized ones are made from it)
+    notes: list[str] = field(default_factory=list)  # said before the export starts (e.g. a format left out)
 
 
 def resolve_plan(args) -> Plan:
@@ -59,12 +62,22 @@ def resolve_plan(args) -> Plan:
     config = check_model_dir(model_dir)
 
     formats = FORMATS if args.format == "all" else (args.format,)
-    variants = [Variant(fmt, fmt, "fp32") for fmt in formats]
+    notes = []
+    gguf_problem = gguf_unavailable(config, model_dir) if "gguf" in formats else None
+    if gguf_problem and args.format == "gguf":
+        raise EffllmError(gguf_problem)
+    if gguf_problem:  # --format all: the other formats still serve this model
+        formats = tuple(f for f in formats if f != "gguf")
+        notes.append(f"gguf left out: {gguf_problem}")
+    gguf_dtype = getattr(args, "gguf_dtype", "f16")
+    variants = [Variant(fmt, fmt, "f16" if fmt == "gguf" and gguf_dtype == "f16" else "fp32") for fmt in formats]
     methods = [q for q in args.quantize if q != "none"]
     if "all" in methods:
         methods = [q for q, fmt in QUANTIZATIONS.items() if fmt in formats]
     for method in dict.fromkeys(methods):
         fmt = QUANTIZATIONS[method]
+        if fmt == "gguf" and gguf_problem:
+            raise EffllmError(f"--quantize {method}: {gguf_problem}")
         if fmt not in formats:
             raise EffllmError(
                 f"--quantize {method} applies to {fmt}, which --format {args.format} leaves out; add --format {fmt} or all"
@@ -89,7 +102,28 @@ def resolve_plan(args) -> Plan:
     elif not args.no_verify:
         heldout_bin = find_train_heldout(model_dir, config.vocab_size)
     check_writable(out)
-    return Plan(model_dir, out, variants, max_seq_len, args.group_size, not args.no_verify, eval_text, heldout_bin)
+    return Plan(
+        model_dir, out, variants, max_seq_len, args.group_size, not args.no_verify, eval_text, heldout_bin, gguf_dtype,
+        notes,
+    )  # fmt: skip
+
+
+def gguf_unavailable(config, model_dir: Path) -> str | None:
+    """Why this model cannot be exported as GGUF here (llama.cpp missing, or a model it cannot express), or None."""
+    import importlib.util
+
+    from .gguf_export import check_gguf_expressible
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return (
+            "GGUF export runs llama.cpp (its quantizer and the verification), which is not installed; "
+            "pip install -e '.[gguf]' (compiles llama.cpp: about 30 minutes on 2 cores)"
+        )
+    try:
+        check_gguf_expressible(config, model_dir)
+    except EffllmError as err:
+        return str(err)
+    return None
 
 
 def check_model_dir(model_dir: Path):

@@ -85,10 +85,14 @@ def run_export(plan: Plan) -> int:
     from effllm.params import architecture_summary
 
     from .executorch_export import export_executorch
+    from .gguf_export import export_gguf
+    from .gguf_quantize import quantize_gguf
     from .onnx_export import export_onnx
     from .quantize import quantize_onnx_dir
 
     say(f"effllm-export: {plan.model_dir} -> {plan.out} ({', '.join(v.name for v in plan.variants)})")
+    for note in plan.notes:
+        say(f"      {note}")
     with quiet_progress_bars():
         model = EfficientLLMForCausalLM.from_pretrained(plan.model_dir, dtype="float32").eval().requires_grad_(False)
     say(architecture_summary(model.config))
@@ -115,6 +119,10 @@ def run_export(plan: Plan) -> int:
                     export_onnx(model, target, plan.max_seq_len, model_dir=plan.model_dir)
                 elif variant.format == "onnx":
                     quantize_onnx_dir(staging / "onnx", target, variant.quantization, plan.group_size)
+                elif variant.format == "gguf" and variant.quantization in ("fp32", "f16"):
+                    export_gguf(model, target, plan.max_seq_len, plan.model_dir, plan.gguf_dtype)
+                elif variant.format == "gguf":
+                    quantize_gguf(staging / "gguf", target, variant.quantization)
                 else:
                     quantize = None if variant.quantization == "fp32" else variant.quantization
                     export_executorch(model, target, plan.max_seq_len, quantize, plan.group_size, plan.model_dir)
@@ -161,8 +169,9 @@ def _slow_hint(variant: Variant) -> str:
 
 
 def model_file_bytes(variant_dir: Path) -> int:
-    """Bytes of the model itself (model.onnx + external data, or model.pte), tokenizer files excluded."""
-    return sum(p.stat().st_size for p in variant_dir.iterdir() if p.name.startswith(("model.onnx", "model.pte")))
+    """Bytes of the model itself (model.onnx + external data, model.pte or model.gguf), tokenizer files excluded."""
+    names = ("model.onnx", "model.pte", "model.gguf")
+    return sum(p.stat().st_size for p in variant_dir.iterdir() if p.name.startswith(names))
 
 
 def publish(staging: Path, out: Path, names: list[str], verified: bool) -> None:

@@ -11,7 +11,16 @@ from pathlib import Path
 
 from .heldout import builtin_eval_text, read_heldout_tokens
 from .inputs import Plan, Variant
-from .verify import EVAL_WINDOW, EVAL_WINDOWS, PROMPTS, TorchReference, VariantReport, eval_windows, verify_variant
+from .verify import (
+    EVAL_WINDOW,
+    EVAL_WINDOWS,
+    PROMPTS,
+    TOKENIZER_TEXTS,
+    TorchReference,
+    VariantReport,
+    eval_windows,
+    verify_variant,
+)
 
 
 class Verifier:
@@ -25,7 +34,7 @@ class Verifier:
         self.plan = plan
         self.reference = TorchReference(model)
         self.eos = eos_ids(model.config)
-        tokenizer = Tokenizer.from_file(str(plan.model_dir / "tokenizer.json"))
+        tokenizer = self.tokenizer = Tokenizer.from_file(str(plan.model_dir / "tokenizer.json"))
         self.prompts = {p: tokenizer.encode(p).ids for p in PROMPTS}
         self.prompts = {p: ids for p, ids in self.prompts.items() if ids}
         if plan.heldout_bin is not None:
@@ -43,7 +52,7 @@ class Verifier:
         """Run the variant in ``target`` through its runtime backend and check it against torch."""
         start = time.perf_counter()
         onnx = variant.format == "onnx"
-        path = target / ("model.onnx" if onnx else "model.pte")
+        path = target / {"onnx": "model.onnx", "executorch": "model.pte", "gguf": "model.gguf"}[variant.format]
         report = VariantReport(variant.name, variant.format, variant.quantization, str(path.relative_to(target.parent)))
         genai_greedy = None
         if onnx and variant.quantization == "fp32":
@@ -52,8 +61,10 @@ class Verifier:
             def genai_greedy(prompt, new_tokens):
                 return search(target, prompt, new_tokens)
 
-        exported = self._load(path, onnx)
+        exported = self._load(path, variant.format)
         try:
+            if variant.format == "gguf":
+                self._gguf_checks(report, exported, variant)
             verify_variant(
                 report, self.reference, exported, self.prompts, self.windows, self.plan.max_seq_len, self.eos,
                 genai_greedy,
@@ -63,9 +74,23 @@ class Verifier:
         report.verify_seconds = time.perf_counter() - start
         return report
 
+    def _gguf_checks(self, report: VariantReport, exported, variant: Variant) -> None:
+        """llama.cpp's tokenizer against Hugging Face's, and the tensors its quantizer kept in another type."""
+        equal = [exported.tokenize(text) == self.tokenizer.encode(text).ids for text in TOKENIZER_TEXTS]
+        report.tokenizer_equal_texts, report.tokenizer_texts = sum(equal), len(equal)
+        if variant.quantization not in ("fp32", "f16"):
+            from .gguf_quantize import quantization_fallbacks
+
+            report.tensor_fallbacks = quantization_fallbacks(exported.path, variant.quantization)
+
     @staticmethod
-    def _load(path: Path, onnx: bool):
-        if onnx:
+    def _load(path: Path, fmt: str):
+        if fmt == "gguf":
+            from effllm.runtime.llamacpp_backend import LlamaCppBackend
+
+            # An F32 KV cache: the logit check then measures the weights, not llama.cpp's F16 cache.
+            return LlamaCppBackend(path, kv_cache="f32")
+        if fmt == "onnx":
             from effllm.runtime.onnx_backend import OnnxRuntimeBackend
 
             # No busy-waiting between the many tiny decode calls: spinning threads only steal the CPU

@@ -22,6 +22,18 @@ torch's) and the relative perplexity increase. Thresholds (QUANTIZED_THRESHOLDS)
         of perplexity on 1B+ models and more on tiny ones, whose every weight matters; a quarter
         more perplexity or a fifth of the top-1 choices changing means the model is no longer the
         one that was trained.
+    q8_0 (GGUF, llama.cpp's 8-bit blocks of 32) is held to int8's thresholds, q4_0 and q4_k_m (4-bit
+        blocks) to int4's: the same precision classes, so the same promises.
+
+GGUF variants run in llama.cpp with an F32 KV cache, so the logit check sees the weights only (llama.cpp's
+default F16 cache alone moves logits by ~2e-4 on the test models). f32 weights are held to fp32's 1e-4
+(measured: 4e-7 on the test models). f16 weights to F16_MAX_ABS_LOGIT_DIFF = 3e-2: f16 keeps 11 significant
+bits (relative rounding 2^-11 = 4.9e-4 per weight); measured 3.7e-4 on a random test model and more on
+trained ones (verify.json records it), so 3e-2 leaves room for larger models while a structural bug still fails it (a dropped attention output moved logits by 0.58).
+Subtler bugs (q/k rows left in rotate_half order: 6.5e-3 on a random test model) only the f32 check sees:
+the tests export f32 for that reason, and --gguf-dtype f32 gives any model the tight check.
+llama.cpp's tokenizer must give the Hugging Face tokenizer's ids on TOKENIZER_TEXTS (every prompt, digits,
+whitespace runs, punctuation, non-ASCII text).
 """
 
 from __future__ import annotations
@@ -35,11 +47,16 @@ from effllm.runtime.torch_backend import TorchBackend
 
 GREEDY_TOKENS = 32
 FP32_MAX_ABS_LOGIT_DIFF = 1e-4
+F16_MAX_ABS_LOGIT_DIFF = 3e-2
+MAX_ABS_LOGIT_DIFF = {"fp32": FP32_MAX_ABS_LOGIT_DIFF, "f16": F16_MAX_ABS_LOGIT_DIFF}  # unquantized variants
 QUANTIZED_THRESHOLDS = {
     "int8": {"min_top1_agreement": 0.90, "max_ppl_increase": 0.10},
     "int4": {"min_top1_agreement": 0.80, "max_ppl_increase": 0.25},
     "8da4w": {"min_top1_agreement": 0.80, "max_ppl_increase": 0.25},
 }
+QUANTIZED_THRESHOLDS.update(
+    {"q8_0": QUANTIZED_THRESHOLDS["int8"], "q4_0": QUANTIZED_THRESHOLDS["int4"], "q4_k_m": QUANTIZED_THRESHOLDS["int4"]}
+)
 EVAL_WINDOW = 128  # tokens per held-out window (capped at max_seq_len - 1)
 EVAL_WINDOWS = 8
 PROMPTS = (
@@ -47,6 +64,12 @@ PROMPTS = (
     "A list comprehension consists of",
     "def fibonacci(n):\n",
     "The following example shows how",
+)
+TOKENIZER_TEXTS = PROMPTS + (
+    "Hello world! This is a test.",
+    "The quick brown fox jumps over the lazy dog, 1234567 times.",
+    "  two  spaces,\nnew line\tand tab; it's  (parens) & symbols: $5.99 -- ok?",
+    "naïve café — non-ASCII bytes 日本語",
 )
 
 
@@ -95,13 +118,16 @@ class PromptCheck:
 @dataclass
 class VariantReport:
     name: str
-    format: str  # "onnx" | "executorch"
-    quantization: str  # "fp32" | "int8" | "int4" | "8da4w"
+    format: str  # "onnx" | "executorch" | "gguf"
+    quantization: str  # "fp32" | "f16" | a key of QUANTIZED_THRESHOLDS
     path: str
     max_abs_logit_diff: float = math.nan
     greedy_equal_prompts: int = 0
     prompts: int = 0
     genai_greedy_equal_prompts: int | None = None
+    tokenizer_equal_texts: int | None = None  # gguf: texts where llama.cpp's token ids equal Hugging Face's
+    tokenizer_texts: int | None = None
+    tensor_fallbacks: list[dict] | None = None  # gguf quantized: tensors llama.cpp kept in another type, and why
     top1_agreement: float = math.nan
     ppl_torch: float = math.nan
     ppl: float = math.nan
@@ -216,12 +242,16 @@ def verify_variant(
         for key, value in held_out_metrics(reference, exported, windows).items():
             setattr(report, key, value)
 
-    if report.quantization == "fp32":
-        report.thresholds = {"max_abs_logit_diff": FP32_MAX_ABS_LOGIT_DIFF, "greedy": "identical"}
-        if not report.max_abs_logit_diff <= FP32_MAX_ABS_LOGIT_DIFF:
-            report.failures.append(
-                f"max |logit difference| {report.max_abs_logit_diff:.2e} > {FP32_MAX_ABS_LOGIT_DIFF:.0e}"
-            )
+    if report.tokenizer_texts is not None and report.tokenizer_equal_texts != report.tokenizer_texts:
+        report.failures.append(
+            f"llama.cpp's token ids differ from the Hugging Face tokenizer's on "
+            f"{report.tokenizer_texts - report.tokenizer_equal_texts} of {report.tokenizer_texts} texts"
+        )
+    if report.quantization in MAX_ABS_LOGIT_DIFF:
+        limit = MAX_ABS_LOGIT_DIFF[report.quantization]
+        report.thresholds = {"max_abs_logit_diff": limit, "greedy": "identical"}
+        if not report.max_abs_logit_diff <= limit:
+            report.failures.append(f"max |logit difference| {report.max_abs_logit_diff:.2e} > {limit:.0e}")
         if report.greedy_equal_prompts != report.prompts:
             report.failures.append(
                 f"greedy {new_tokens}-token continuation differs from torch for "

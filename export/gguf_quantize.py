@@ -1,0 +1,72 @@
+"""Quantized GGUF variants, made by llama.cpp's own quantizer (llama_model_quantize), and what it did per tensor.
+
+llama.cpp quantizes a weight in blocks along its rows (a row = one output channel's input weights): 32 values
+for Q8_0 / Q4_0, 256 for the K-quants. A row whose length is not a multiple of the block cannot be stored in
+that type, and llama.cpp keeps the tensor in another one (a fallback: F16 for Q8_0/Q4_0, Q5_0/Q8_0/F16 for the
+K-quants). Pruning leaves such widths (an FFN of 309 channels makes ffn_down rows of 309); `effllm-train
+--granularity 32` keeps every width a multiple of 32, and then nothing falls back for q8_0/q4_0. The K-quant
+mixes (q4_k_m) also keep some tensors at higher precision on purpose (Q6_K for half of attn_v / ffn_down and
+the output projection). :func:`quantization_fallbacks` reads the written file back with gguf.GGUFReader and
+lists every weight that is not in the variant's own type, with the reason; verify.md shows the list.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from .gguf_export import GGUF_FILE
+
+# method -> (llama.cpp's file type, the tensor type it stands for)
+GGUF_QUANTIZATIONS = {
+    "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0"),
+    "q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_0"),
+    "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_K"),
+}
+
+
+def quantize_gguf(src_dir: Path, out_dir: Path, method: str, threads: int | None = None) -> Path:
+    """OUT_DIR/model.gguf quantized from SRC_DIR/model.gguf by llama.cpp (+ SRC_DIR's tokenizer files)."""
+    from effllm.runtime.llamacpp_backend import last_error, llama_api
+
+    from .onnx_export import copy_tokenizer_files
+
+    api = llama_api()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src, dst = src_dir / GGUF_FILE, out_dir / GGUF_FILE
+    params = api.llama_model_quantize_default_params()
+    params.ftype = getattr(api, GGUF_QUANTIZATIONS[method][0])
+    params.nthread = int(threads or os.cpu_count() or 1)
+    code = api.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if code != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {method} (code {code}): {last_error()}")
+    copy_tokenizer_files(src_dir, out_dir)
+    return dst
+
+
+def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (GGML type, shape as GGUF stores it: row length first) of every tensor in a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in reader.tensors}
+
+
+def quantization_fallbacks(path: Path, method: str) -> list[dict]:
+    """Every weight matrix of a quantized GGUF that is not in the method's own type, and why."""
+    import gguf
+
+    target = GGUF_QUANTIZATIONS[method][1]
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[target]][0]
+    out = []
+    for name, (kind, shape) in tensor_types(Path(path)).items():
+        if len(shape) < 2 or kind == target:  # norm weights are always F32
+            continue
+        row = shape[0]
+        if row % block:
+            reason = f"row length {row} is not a multiple of {target}'s block of {block}"
+        else:
+            reason = f"llama.cpp's {method.upper()} mix keeps it at higher precision"
+        out.append({"tensor": name, "type": kind, "row_length": row, "reason": reason})
+    return out
