@@ -15,6 +15,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from .onnx_export import ONNX_MODEL_FILE
 
 ONNX_QUANTIZATIONS = ("int8", "int4")
@@ -48,13 +50,14 @@ def quantize_onnx_dir(
     return dst
 
 
-def fold_transposed_weights(model) -> int:
+def fold_transposed_weights(model) -> dict[str, str]:
     """Replace Transpose(initializer) -> MatMul by a MatMul on a pre-transposed initializer.
 
     A tied lm_head is exported as Transpose(embedding weight) feeding MatMul, and the quantizers
     only quantize MatMuls whose weight is an initializer; without this fold the largest matrix of
-    a small model would stay fp32. The embedding keeps its fp32 table (its Gather still reads it).
-    Returns how many Transposes were folded.
+    a small model would stay fp32. The embedding keeps its fp32 table here (its Gather still reads
+    it; int4 then shares the quantized one, see share_tied_embedding).
+    Returns {the new transposed initializer: the initializer it was transposed from}.
     """
     from onnx import numpy_helper
 
@@ -64,7 +67,7 @@ def fold_transposed_weights(model) -> int:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    folded = 0
+    folded: dict[str, str] = {}
     for node in list(graph.node):
         if node.op_type != "Transpose" or node.input[0] not in initializers:
             continue
@@ -81,7 +84,7 @@ def fold_transposed_weights(model) -> int:
             continue
         graph.initializer.append(numpy_helper.from_array(weight.T.copy(), name=node.output[0]))
         graph.node.remove(node)
-        folded += 1
+        folded[node.output[0]] = node.input[0]
     return folded
 
 
@@ -110,9 +113,73 @@ def quantize_int4_weight_only(src: Path, dst: Path, external_data: bool, block_s
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
-    fold_transposed_weights(model)
+    folded = fold_transposed_weights(model)
     # accuracy_level 4: int8 compute inside MatMulNBits where the CPU supports it (fast path),
     # which onnxruntime documents as the recommended CPU setting for int4 LLMs.
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4)
     quantizer.process()
+    share_tied_embedding(quantizer.model.model, folded, block_size)
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=external_data)
+
+
+def share_tied_embedding(model, folded: dict[str, str], block_size: int) -> bool:
+    """One int4 copy of a tied embedding: the token lookup reads the lm_head's MatMulNBits weight.
+
+    After quantization a tied model holds its embedding twice: the fp32 table the Gather reads
+    (vocab x hidden x 4 bytes, the largest tensor of a small model) and the int4 lm_head. The
+    Gather becomes GatherBlockQuantized on the very same packed initializer, viewed as [vocab,
+    blocks, bytes per block] and dequantized per block with the lm_head's scales (its implicit zero
+    point, 8, is MatMulNBits' symmetric one), then reshaped to [batch, seq, hidden]; the fp32 table
+    goes. So the file and the memory follow the quantized weights. Embeddings now carry int4 error
+    too, which effllm-export's verification measures. Hidden sizes that are not a multiple of the
+    block keep the fp32 table (the packed rows then carry padding). Returns whether it shared.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) < 3:
+            continue
+        source = next((src for folded_name, src in folded.items() if node.input[1] == f"{folded_name}_Q4"), None)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        gathers = [
+            g
+            for g in graph.node
+            if g.op_type == "Gather" and g.input[0] == source and not any(a.i for a in g.attribute if a.name == "axis")
+        ]
+        if source is None or not gathers or attrs["K"] % block_size or attrs.get("bits", 4) != 4:
+            continue
+        if any(n.input[0] == source for n in graph.node if n not in gathers) or len(node.input) > 3 and node.input[3]:
+            continue  # the fp32 table has other readers, or zero points are stored: keep it as it is
+        vocab, blocks = attrs["N"], attrs["K"] // block_size
+        scales = numpy_helper.to_array(initializers[node.input[2]]).reshape(vocab, blocks, 1)
+        scales_name = f"{node.input[2]}_gather"
+        graph.initializer.append(numpy_helper.from_array(scales, name=scales_name))
+        shape_name = f"{source}_hidden_shape"
+        graph.initializer.append(numpy_helper.from_array(np.array([0, 0, attrs["K"]], dtype=np.int64), shape_name))
+        for gather in gathers:
+            blocked = f"{gather.output[0]}_blocks"
+            position = list(graph.node).index(gather)
+            graph.node.remove(gather)
+            graph.node.insert(
+                position,
+                helper.make_node(
+                    "GatherBlockQuantized",
+                    [node.input[1], gather.input[1], scales_name],
+                    [blocked],
+                    name=f"{gather.name}_int4",
+                    domain="com.microsoft",
+                    bits=4,
+                    block_size=block_size,
+                    gather_axis=0,
+                    quantize_axis=2,
+                ),
+            )
+            graph.node.insert(
+                position + 1,
+                helper.make_node("Reshape", [blocked, shape_name], [gather.output[0]], name=f"{gather.name}_hidden"),
+            )
+        graph.initializer.remove(initializers[source])
+        return True
+    return False
