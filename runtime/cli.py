@@ -129,6 +129,10 @@ def _generate(prog: str, args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    if args.backend == "executorch-runner":  # options it refuses are bad input: say so before loading the runtime
+        from .executorch_backend import RunnerGenerator
+
+        RunnerGenerator.check_options(prompt, sampling, stop_at_eos=not args.ignore_eos)
     try:
         generator = load_generator(args.model, args.backend, args.variant, args.threads)
     except EffllmError:

@@ -45,14 +45,15 @@ def pte_path(path: str | Path) -> Path:
 class ExecuTorchBackend(Backend):
     name = "executorch"
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, etdump: bool = False):
         import torch
         from executorch.runtime import Runtime
 
         self.path = pte_path(path)
         self._torch = torch
         prepare_executorch(threads)
-        self.program = Runtime.get().load_program(str(self.path))
+        # etdump: record every operator's and delegate call's time (bench/decode_profile.py); write_etdump saves it
+        self.program = Runtime.get().load_program(str(self.path), enable_etdump=etdump)
         if "forward" not in self.program.method_names:
             raise GenerationError(f"{self.path} has no forward method; re-export it with effllm-export")
         self.method = self.program.load_method("forward")
@@ -72,6 +73,11 @@ class ExecuTorchBackend(Backend):
             [torch.tensor([list(tokens)], dtype=torch.long), torch.arange(start_pos, start_pos + n, dtype=torch.long)]
         )
         return out[0][0].numpy()
+
+    def write_etdump(self, path: str | Path) -> Path:
+        """Save the timings recorded since load (needs etdump=True) as an ETDump file for devtools' Inspector."""
+        self.program.write_etdump_result_to_file(str(path))
+        return Path(path)
 
     def close(self) -> None:
         self.method = None
@@ -97,10 +103,9 @@ class RunnerGenerator:
         self.stats = GenerationStats(self.name)
         self.runner_stats: dict = {}
 
-    def stream(
-        self, prompt: str, max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY, stop_at_eos: bool = True
-    ) -> Iterator[str]:
-        """Text pieces as the C++ runner produces them (its own stdout logging is muted meanwhile)."""
+    @staticmethod
+    def check_options(prompt: str, sampling: SamplingConfig, stop_at_eos: bool) -> None:
+        """Refuse what the C++ runner cannot do (rather than ignore it); callable before loading anything."""
         if sampling.top_k or sampling.top_p < 1 or sampling.seed is not None:
             raise SamplingError(
                 "the executorch-runner backend (ExecuTorch's C++ runner, as on phones) samples with a temperature "
@@ -110,6 +115,12 @@ class RunnerGenerator:
             raise GenerationError("the executorch-runner backend always stops at EOS; use --backend executorch")
         if not prompt:
             raise GenerationError("the executorch-runner backend needs a non-empty prompt")
+
+    def stream(
+        self, prompt: str, max_new_tokens: int = 128, sampling: SamplingConfig = GREEDY, stop_at_eos: bool = True
+    ) -> Iterator[str]:
+        """Text pieces as the C++ runner produces them (its own stdout logging is muted meanwhile)."""
+        self.check_options(prompt, sampling, stop_at_eos)
         config = self._config_class(
             max_new_tokens=int(max_new_tokens), temperature=float(sampling.temperature), echo=False
         )

@@ -47,9 +47,9 @@ def load_llm_kernels() -> None:
 def prepare_executorch(threads: int | None) -> None:
     """Register the LLM kernels our .pte files use, and size XNNPACK's thread pool (default: the
     number of performance cores); the runtime's logging meanwhile is muted."""
-    from executorch.extension.pybindings import portable_lib
+    with quiet_native_output():  # importing the runtime already logs CPU probing from C++
+        from executorch.extension.pybindings import portable_lib
 
-    with quiet_native_output():
         load_llm_kernels()
         if threads:
             portable_lib._unsafe_reset_threadpool(int(threads))

@@ -25,7 +25,13 @@ PAST_PATTERN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        spinning: bool | None = None,
+        profile_prefix: str | None = None,
+    ):
         import onnxruntime as ort
 
         path = Path(path)
@@ -41,6 +47,9 @@ class OnnxRuntimeBackend(Backend):
             options.inter_op_num_threads = 1
         if spinning is not None:
             options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if profile_prefix:  # onnxruntime's per-node timings (bench/decode_profile.py); end_profiling() writes them
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
         self._ort = ort
 
@@ -105,6 +114,10 @@ class OnnxRuntimeBackend(Backend):
         self.past = list(outputs[1:])
         self.position = total
         return outputs[0].numpy()[0]
+
+    def end_profiling(self) -> Path:
+        """Stop onnxruntime's profiler and return its JSON trace (the session must have a profile_prefix)."""
+        return Path(self.session.end_profiling())
 
     def close(self) -> None:
         self.past = []
