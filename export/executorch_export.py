@@ -23,6 +23,8 @@ whose input width is not a multiple of the group size (pruning leaves widths lik
 per-channel weights. Those are int8, not int4: XNNPACK in executorch 1.5.1 delegates int4 only as
 groups whose size is a multiple of 32 (a per-channel int4 weight reaches it as one group of
 in_features and is refused), while int8 per-channel weights (qc8w) run there on every width.
+The token embedding is int4 too (ExecuTorch's quantized_decomposed::embedding_4bit, which the
+Android AAR and the Python runtime ship): without it the fp32 table was most of the file.
 """
 
 from __future__ import annotations
@@ -133,6 +135,44 @@ def quantize_8da4w_(module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> 
     return {n: (f"int4 group {group_size}" if kind == "grouped" else "int8 per-channel") for n, kind in plan.items()}
 
 
+def quantize_embedding_(module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> str:
+    """Quantize the token embedding in place: int4 in groups of ``group_size`` along the hidden size.
+
+    Left in fp32, the table the lookup reads is the largest tensor of a small model (a tied one
+    also keeps the lm_head's packed copy inside XNNPACK): 8da4w's file and memory would be mostly
+    fp32 embedding. The lookup reads one row per token, so this saves memory, not decode time.
+    ExecuTorch runs it as quantized_decomposed::embedding_4bit (see fuse_quantized_embedding);
+    hidden sizes that are not a multiple of the group use int8 per row. Returns the scheme used.
+    """
+    from torchao.quantization import quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_api import IntxWeightOnlyConfig
+
+    embedding = module.get_input_embeddings()
+    grouped = embedding.embedding_dim % group_size == 0
+    config = IntxWeightOnlyConfig(
+        weight_dtype=torch.int4 if grouped else torch.int8, granularity=PerGroup(group_size) if grouped else PerAxis(0)
+    )
+    embedding.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)  # untie from lm_head
+    embedding.padding_idx = None  # only gradients read it; with it set the export does not match the fused kernel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_(module, config, filter_fn=lambda m, fqn: m is embedding)
+    return f"int4 group {group_size}" if grouped else "int8 per-row"
+
+
+def fuse_quantized_embedding(edge):
+    """Replace torchao's dequantize + embedding by ExecuTorch's quantized embedding kernel (packed weights)."""
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+    from executorch.exir.passes.quant_fusion_pass import QuantFusionPass, _get_node_value_dict
+
+    edge = edge.transform(
+        [QuantFusionPass(_fix_node_meta_val=True, node_value_dict=_get_node_value_dict(edge.exported_program()))]
+    )
+    constant_prop_pass(edge.exported_program())
+    return edge
+
+
 def export_executorch(
     model,
     out_dir: str | Path,
@@ -158,6 +198,7 @@ def export_executorch(
     model = model.float().eval().requires_grad_(False)
     if quantize == "8da4w":
         quantize_8da4w_(model, group_size)
+        quantize_embedding_(model, group_size)
     decoder = ExecuTorchDecoder(model, max_seq_len).eval()
     # One Dim shared by tokens' length and input_pos' length: prefill any length, decode one token.
     seq = Dim("seq_len", min=1, max=max_seq_len - 1)
@@ -165,12 +206,15 @@ def export_executorch(
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = export(decoder, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
-        lowered = to_edge_transform_and_lower(
+        edge = to_edge_transform_and_lower(
             program,
             partitioner=[XnnpackPartitioner()],
             constant_methods=runner_metadata(model.config, max_seq_len),
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        ).to_executorch()
+        )
+        if quantize == "8da4w":
+            edge = fuse_quantized_embedding(edge)
+        lowered = edge.to_executorch()
     path = out_dir / PTE_FILE
     path.write_bytes(lowered.buffer)
     if model_dir is not None and (Path(model_dir) / "tokenizer.json").is_file():
