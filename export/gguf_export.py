@@ -36,7 +36,7 @@ GGUF_DTYPES = ("f16", "f32")
 STANDIN_FFN = 32  # width of an all-zero stand-in FFN: one Q4_0/Q8_0 block, so quantizing keeps it quantized
 
 # The zero-width patterns llama.cpp's deci code gets wrong, each replaced by an exact no-op stand-in.
-# Checked in llama.cpp b11739 (llama-cpp-py-sync 0.11739) by writing each pattern natively:
+# Each still happens when written natively, in llama-cpp-python 0.3.36's llama.cpp and in llama.cpp b11549:
 STANDINS = {
     # src/models/deci.cpp: `if (n_ff == 0) continue;` also skips `inpL = cur`, dropping the layer's
     # attention output (wrong logits). Stand-in: an all-zero FFN of width STANDIN_FFN.

@@ -5,8 +5,8 @@ for Q8_0 / Q4_0, 256 for the K-quants. A row whose length is not a multiple of t
 that type, and llama.cpp keeps the tensor in another one (a fallback: F16 for Q8_0/Q4_0, Q5_0/Q8_0/F16 for the
 K-quants). Pruning leaves such widths (an FFN of 309 channels makes ffn_down rows of 309); `effllm-train
 --granularity 32` keeps every width a multiple of 32, and then nothing falls back for q8_0/q4_0. The K-quant
-mixes (q4_k_m) also keep some tensors at higher precision on purpose (Q6_K for half of attn_v / ffn_down and
-the output projection). :func:`quantization_fallbacks` reads the written file back with gguf.GGUFReader and
+mixes (q4_k_m) also keep some tensors at higher precision on purpose (Q6_K for half of attn_v / ffn_down), and
+every type keeps the output projection (token_embd when embeddings are tied) at Q6_K or Q8_0. :func:`quantization_fallbacks` reads the written file back with gguf.GGUFReader and
 lists every weight that is not in the variant's own type, with the reason; verify.md shows the list.
 """
 
@@ -66,6 +66,8 @@ def quantization_fallbacks(path: Path, method: str) -> list[dict]:
         row = shape[0]
         if row % block:
             reason = f"row length {row} is not a multiple of {target}'s block of {block}"
+        elif name in ("output.weight", "token_embd.weight"):  # token_embd is the output projection when tied
+            reason = "llama.cpp keeps the output projection at higher precision"
         else:
             reason = f"llama.cpp's {method.upper()} mix keeps it at higher precision"
         out.append({"tensor": name, "type": kind, "row_length": row, "reason": reason})

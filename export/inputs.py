@@ -117,7 +117,7 @@ def gguf_unavailable(config, model_dir: Path) -> str | None:
     if importlib.util.find_spec("llama_cpp") is None:
         return (
             "GGUF export runs llama.cpp (its quantizer and the verification), which is not installed; "
-            "pip install -e '.[gguf]' (compiles llama.cpp: about 30 minutes on 2 cores)"
+            "pip install -e '.[gguf]' (compiles llama.cpp: about 20 minutes on 2 cores)"
         )
     try:
         check_gguf_expressible(config, model_dir)

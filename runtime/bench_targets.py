@@ -40,6 +40,8 @@ class Target:
 
 
 def quantization_of(variant: str) -> str:
+    """The quantization a variant's name says; "fp32" marks a format's unquantized variant, the baseline that
+    bench_report compares quantized rows with (for gguf/ that is f16 weights unless exported --gguf-dtype f32)."""
     return variant.split("-", 1)[1] if "-" in variant else "fp32"
 
 

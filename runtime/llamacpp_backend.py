@@ -50,7 +50,9 @@ def last_error() -> str:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
 
-    def __init__(self, path: str | Path, threads: int | None = None, kv_cache: str = "f16"):
+    def __init__(
+        self, path: str | Path, threads: int | None = None, kv_cache: str = "f16", extra_buffers: bool = False
+    ):
         self.model = self.ctx = self.batch = None
         path = Path(path)
         model_file = path / GGUF_FILE if path.is_dir() else path
@@ -60,8 +62,12 @@ class LlamaCppBackend(Backend):
             raise GenerationError(f"unknown KV cache type {kv_cache!r}; choose one of {', '.join(KV_CACHE_TYPES)}")
         self.path = model_file
         self._api = api = llama_api()
+        model_params = api.llama_model_default_params()
+        # No extra CPU buffer types (AMX / repacked weights): on this project's machines the CPU reports AMX, and
+        # llama.cpp's AMX kernels die there with SIGILL on the first quantized matmul (measured on Q8_0).
+        model_params.use_extra_bufts = extra_buffers
         with quiet_native_output():
-            self.model = api.llama_model_load_from_file(str(model_file).encode(), api.llama_model_default_params())
+            self.model = api.llama_model_load_from_file(str(model_file).encode(), model_params)
         if not self.model:
             raise GenerationError(f"llama.cpp cannot load {model_file}: {last_error()}")
         self.vocab = api.llama_model_get_vocab(self.model)
