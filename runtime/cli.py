@@ -36,7 +36,8 @@ def generate_parser() -> CliParser:
             "Backends: torch (eager PyTorch on the model directory), onnxruntime (model.onnx in effllm's own "
             "numpy loop; no torch needed), genai (the ONNX directory in onnxruntime-genai), executorch "
             "(model.pte in the ExecuTorch runtime, XNNPACK), executorch-runner (model.pte in ExecuTorch's C++ "
-            "LLM runner, the code Android's LlmModule runs; greedy or temperature only). "
+            "LLM runner, the code Android's LlmModule runs; greedy or temperature only), llamacpp (model.gguf in "
+            "llama.cpp, F16 KV cache as llama.cpp's users run it). "
             "The continuation goes to stdout, a one-line speed summary to stderr. Exit codes: 0 done; "
             "2 bad input (one line on stderr says what to fix); 1 the runtime failed."
         ),
@@ -47,7 +48,7 @@ def generate_parser() -> CliParser:
         default=None,
         metavar="MODEL",
         help="a model directory (effllm-train), an export directory (effllm-export), one of its variant "
-        "directories, or a model.onnx / model.pte file; a model directory and its export find each other "
+        "directories, or a model.onnx / model.pte / model.gguf file; a model directory and its export find each other "
         f"(runs/x/model <-> runs/x/export). Default: {DEFAULT_EXPORT}, else {DEFAULT_MODEL}",
     )
     parser.add_argument(
@@ -63,7 +64,7 @@ def generate_parser() -> CliParser:
         "--variant",
         default=None,
         help="which exported variant to run (a directory name of the export: onnx, onnx-int8, onnx-int4, "
-        "executorch, executorch-8da4w); default: the backend's fp32 one",
+        "executorch, executorch-8da4w, gguf, gguf-q8_0, gguf-q4_0, gguf-q4_k_m); default: the backend's fp32 one",
     )
     parser.add_argument(
         "--max-new-tokens",
@@ -216,7 +217,7 @@ def bench_parser() -> CliParser:
         default=None,
         metavar="V",
         help="exported variants to run, by directory name (onnx, onnx-int8, onnx-int4, executorch, "
-        "executorch-8da4w; 'model' for the torch model); default: all",
+        "executorch-8da4w, gguf, gguf-q8_0, gguf-q4_0, gguf-q4_k_m; 'model' for the torch model); default: all",
     )
     parser.add_argument(
         "--threads",
