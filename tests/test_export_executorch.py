@@ -119,6 +119,15 @@ def test_8da4w_falls_back_to_per_channel_for_odd_input_widths(tokenizer, corpus)
     assert "lm_head" in plan
 
 
+def pte_operators(pte) -> set[str]:
+    """The operators a .pte's forward calls outside its delegates."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    program = getattr(program, "program", program)
+    return {op.name for op in program.execution_plan[0].operators}
+
+
 def test_8da4w_within_thresholds_and_runs_in_the_llm_runner(tokenizer, corpus):
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
@@ -127,6 +136,9 @@ def test_8da4w_within_thresholds_and_runs_in_the_llm_runner(tokenizer, corpus):
     model = EfficientLLMForCausalLM.from_pretrained(model_dir).eval()
     pte = run.out / "executorch-8da4w" / "model.pte"
     assert pte.stat().st_size < 0.6 * (run.out / "executorch" / "model.pte").stat().st_size
+    # The token lookup reads an int4 table, not the fp32 embedding (which would be most of the file).
+    operators = pte_operators(pte)
+    assert "quantized_decomposed::embedding_4bit" in operators and "aten::embedding" not in operators
     _, forward = _forward(pte)
 
     def run_window(ids):
