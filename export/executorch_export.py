@@ -68,28 +68,6 @@ class ExecuTorchDecoder(nn.Module):
                 self.register_buffer(name, torch.zeros(shape), persistent=False)
             self.cache_names.append(names)
             cache_index += 1
-        # RMSNorm's mean over the hidden size as a product with a constant row: XNNPACK runs a fully
-        # connected layer but not that mean, and every operator it leaves out splits the graph into
-        # another delegate call (per-call overhead was most of 8da4w's decode step: bench/results/decode_profile.md).
-        self.register_buffer(
-            "mean_row", torch.full((1, config.hidden_size), 1.0 / config.hidden_size), persistent=False
-        )
-        half = config.head_dim // 2
-        rotate_half = torch.zeros(config.head_dim, config.head_dim)  # row j picks -x[j + half], then x[j - half]
-        rotate_half[torch.arange(half), torch.arange(half) + half] = -1.0
-        rotate_half[torch.arange(half) + half, torch.arange(half)] = 1.0
-        self.register_buffer("rotate_half", rotate_half, persistent=False)
-
-    def norm(self, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's RMSNorm (weight * x / rms(x)), written with operators XNNPACK takes."""
-        variance = torch.nn.functional.linear(hidden * hidden, self.mean_row)
-        return norm.weight * (hidden * torch.rsqrt(variance + norm.variance_epsilon))
-
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE on [batch, seq, heads, head_dim] with cos/sin [batch, seq, 1, head_dim]: the model's
-        x * cos + rotate_half(x) * sin, with rotate_half as a product with a signed permutation (a fully
-        connected layer for XNNPACK; the model's chunk and cat stay outside it and split the graph)."""
-        return x * cos + torch.nn.functional.linear(x, self.rotate_half) * sin
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         inner = self.model.model
@@ -98,22 +76,18 @@ class ExecuTorchDecoder(nn.Module):
         torch._check(start + tokens.shape[1] <= self.max_seq_len)
         hidden = inner.embed_tokens(tokens)
         cos, sin = inner.rotary_emb(hidden, input_pos[None, :])
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # once, not per layer: [1, seq, 1, head_dim]
-        b, t = tokens.shape
         for layer, names in zip(inner.layers, self.cache_names):
             if names is not None:
                 attn = layer.self_attn
-                x = self.norm(layer.input_layernorm, hidden)
-                q, k, v = (proj(x).view(b, t, -1, attn.head_dim) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-                q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+                q, k, v = attn.project_qkv(layer.input_layernorm(hidden), cos, sin, heads_first=False)
                 k_cache, v_cache = getattr(self, names[0]), getattr(self, names[1])
                 torch.ops.llama.update_cache(k, k_cache, start)
                 torch.ops.llama.update_cache(v, v_cache, start)
                 out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, attn.scaling)
                 hidden = hidden + attn.o_proj(out.flatten(2))
             if layer.mlp is not None:
-                hidden = hidden + layer.mlp(self.norm(layer.post_attention_layernorm, hidden))
-        return self.model.lm_head(self.norm(inner.norm, hidden))
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self.model.lm_head(inner.norm(hidden))
 
 
 def runner_metadata(config, max_seq_len: int) -> dict:
