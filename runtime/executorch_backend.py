@@ -76,7 +76,8 @@ class ExecuTorchBackend(Backend):
 
     def write_etdump(self, path: str | Path) -> Path:
         """Save the timings recorded since load (needs etdump=True) as an ETDump file for devtools' Inspector."""
-        self.program.write_etdump_result_to_file(str(path))
+        path = Path(path)
+        self.program.write_etdump_result_to_file(str(path), str(path.with_suffix(".debug")))  # no debug buffer kept
         return Path(path)
 
     def close(self) -> None:
