@@ -73,7 +73,14 @@ class TrainConfig:
         choices=["linear", "cubic"],
     )
     # pruning
-    granularity: int = _f(1, "FFN and hidden channels are pruned in blocks of N so widths stay multiples of N")
+    granularity: int = _f(
+        1,
+        "FFN and hidden channels are pruned in blocks of N so widths stay multiples of N. Use 32 for a model you "
+        "will quantize: every 4-bit group (effllm-export's 8da4w and int4, llama.cpp's q4_0/q8_0 blocks) is then "
+        "whole; at 95M parameters arbitrary widths made 8da4w read 59 MiB of weights per token instead of 51 "
+        "(int8 fallbacks) and llama.cpp q4_0 87 MiB instead of 61 (f16 fallbacks). Default 1: single channels, as "
+        "in the paper",
+    )
     weight_update: str = _f("none", "local second-order weight update when a group is removed", choices=["none", "obs"])
     obs_damping: float = _f(0.01, "with --weight-update obs: damping lambda as a fraction of the mean Hessian diagonal")
     ema_beta: float = _f(0.99, "decay of the saliency moving averages (per optimizer step)")
