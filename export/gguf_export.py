@@ -52,6 +52,9 @@ STANDINS = {
 # Hugging Face pre-tokenizers (tokenizer.json) -> llama.cpp's `tokenizer.ggml.pre` that splits the same way.
 PRE_TOKENIZERS = {
     ("ByteLevel",): "gpt-2",  # GPT-2's regex inside ByteLevel (use_regex true): effllm's own tokenizer
+    # SmolLM / SmolLM2 (the paper's sources): every digit on its own, then GPT-2's regex; llama.cpp's "smollm"
+    # splits digits singly before the same regex.
+    ("Digits", "ByteLevel"): "smollm",
 }
 
 
@@ -104,11 +107,13 @@ def pre_tokenizer_name(model_dir: Path) -> str:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     signature = tuple(s.get("type") for s in steps)
     byte_level_regex = all(s.get("use_regex", True) for s in steps if s.get("type") == "ByteLevel")
-    name = PRE_TOKENIZERS.get(signature) if byte_level_regex else None
+    single_digits = all(s.get("individual_digits") for s in steps if s.get("type") == "Digits")
+    name = PRE_TOKENIZERS.get(signature) if byte_level_regex and single_digits else None
     if name is None:
         raise EffllmError(
             f"{model_dir}: --format gguf does not know llama.cpp's counterpart of the pre-tokenizer "
-            f"{'+'.join(map(str, signature))} (known: ByteLevel with GPT-2's regex); export another --format"
+            f"{'+'.join(map(str, signature))} (known: ByteLevel with GPT-2's regex, alone or after single Digits); "
+            "export another --format"
         )
     return name
 

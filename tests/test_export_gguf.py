@@ -146,6 +146,33 @@ def test_llamacpp_tokenizer_gives_the_hugging_face_ids(tokenizer):
         backend.close()
 
 
+def test_smollm_style_tokenizer_gives_the_hugging_face_ids(corpus, tmp_path):
+    """SmolLM's tokenizers split every digit before GPT-2's byte-level regex: written as llama.cpp's
+    "smollm" pre-tokenizer, llama.cpp's ids equal Hugging Face's, digits and whitespace runs included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    splitter = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer, raw.decoder = splitter, decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator(corpus[:300], trainer)
+    smol = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    model = tiny_model(num_hidden_layers=2)
+    path = export_gguf(model, tmp_path, 64, save_model_dir(model, smol, tmp_path / "model"), dtype="f32")
+    assert field(gguf.GGUFReader(path), "tokenizer.ggml.pre") == "smollm"
+    backend = LlamaCppBackend(path, threads=1)
+    try:
+        for text in [*TOKENIZER_TEXTS, "In 2024, 12345 apples cost $3.50; a1b22c333"]:
+            assert backend.tokenize(text) == smol(text)["input_ids"], text
+    finally:
+        backend.close()
+
+
 def test_widths_in_whole_blocks_quantize_without_fallbacks(tokenizer):
     """Every width a multiple of 32 (effllm-train --granularity 32): q8_0 and q4_0 keep every weight in
     their own type; the K-quants need rows of 256, so only widths in whole 256s avoid fallbacks there."""
@@ -156,7 +183,9 @@ def test_widths_in_whole_blocks_quantize_without_fallbacks(tokenizer):
     for method in ("q8_0", "q4_0"):
         out = quantize_gguf(src.parent, src.parent / method, method)
         assert not [f for f in quantization_fallbacks(out, method) if "not a multiple" in f["reason"]]
-        blocks = {kind for name, (kind, _) in tensor_types(out).items() if name.startswith("blk.") and "norm" not in name}
+        blocks = {
+            kind for name, (kind, _) in tensor_types(out).items() if name.startswith("blk.") and "norm" not in name
+        }
         assert blocks == {method.upper()}  # every layer weight in the method's type (the output projection may differ)
     out = quantize_gguf(src.parent, src.parent / "q4_k_m", "q4_k_m")
     fallbacks = quantization_fallbacks(out, "q4_k_m")  # hidden 64: every row is shorter than a K-quant block
