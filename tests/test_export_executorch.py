@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model
 from effllm.export.executorch_export import export_executorch, quantize_8da4w_
 from effllm.export.verify import QUANTIZED_THRESHOLDS
 from export_helpers import (
@@ -126,6 +127,20 @@ def pte_operators(pte) -> set[str]:
     program = deserialize_pte_binary(pte.read_bytes())
     program = getattr(program, "program", program)
     return {op.name for op in program.execution_plan[0].operators}
+
+
+def test_8da4w_embedding_of_a_hidden_size_off_the_group_is_int8_per_row(tmp_path):
+    """Stem pruning leaves hidden sizes like 72: the embedding then runs as ExecuTorch's embedding_byte."""
+    model = tiny_model(hidden_size=72, num_hidden_layers=2)
+    pte = export_executorch(model, tmp_path, MAX_SEQ_LEN, "8da4w")
+    operators = pte_operators(pte)
+    assert "quantized_decomposed::embedding_byte" in operators and "aten::embedding" not in operators
+    _, forward = _forward(pte)
+    ids = list(range(5, 30))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    got = forward.execute([torch.tensor([ids]), torch.arange(len(ids))])[0][0]
+    assert 1e-4 < (got - expected).abs().max() < 0.5  # quantized, and close
 
 
 def test_8da4w_within_thresholds_and_runs_in_the_llm_runner(tokenizer, corpus):
