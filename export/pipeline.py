@@ -19,6 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
+from effllm.runtime.model_files import model_bytes
 from effllm.runtime.native import quiet_native_output
 
 from .inputs import Plan, Variant
@@ -127,7 +128,7 @@ def run_export(plan: Plan) -> int:
                     quantize = None if variant.quantization == "fp32" else variant.quantization
                     export_executorch(model, target, plan.max_seq_len, quantize, plan.group_size, plan.model_dir)
             seconds = time.perf_counter() - start
-            size = model_file_bytes(target)
+            size = model_bytes(target)
             say(f"      done in {seconds:.1f} s, {size / 2**20:.2f} MiB")
             if verifier is not None:
                 step += 1
@@ -166,12 +167,6 @@ def _slow_hint(variant: Variant) -> str:
     return (
         " (XNNPACK lowering: the slow step, about a minute for a small model)" if variant.format == "executorch" else ""
     )
-
-
-def model_file_bytes(variant_dir: Path) -> int:
-    """Bytes of the model itself (model.onnx + external data, model.pte or model.gguf), tokenizer files excluded."""
-    names = ("model.onnx", "model.pte", "model.gguf")
-    return sum(p.stat().st_size for p in variant_dir.iterdir() if p.name.startswith(names))
 
 
 def publish(staging: Path, out: Path, names: list[str], verified: bool) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from effllm.errors import EffllmError
 
-from .model_files import BACKENDS, FORMAT_OF_BACKEND, find_model_files, sibling_model
+from .model_files import BACKENDS, FORMAT_OF_BACKEND, find_model_files, model_bytes, sibling_model
 
 BENCH_BACKENDS = tuple(b for b in BACKENDS if b != "executorch-runner")
 DEFAULT_PROMPT_LENGTHS = (128, 512)
@@ -43,14 +43,6 @@ def quantization_of(variant: str) -> str:
     """The quantization a variant's name says; "fp32" marks a format's unquantized variant, the baseline that
     bench_report compares quantized rows with (for gguf/ that is f16 weights unless exported --gguf-dtype f32)."""
     return variant.split("-", 1)[1] if "-" in variant else "fp32"
-
-
-def model_bytes(path: Path) -> int:
-    """Bytes of the model itself: model.onnx(+.data), model.pte, model.gguf, or the weight files of a model directory."""
-    if path.is_file():
-        return path.stat().st_size
-    names = ("model.onnx", "model.pte", "model.gguf", "model.safetensors", "model-", "pytorch_model")
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.startswith(names))
 
 
 def plan_targets(

@@ -78,7 +78,7 @@ class ExecuTorchBackend(Backend):
         """Save the timings recorded since load (needs etdump=True) as an ETDump file for devtools' Inspector."""
         path = Path(path)
         self.program.write_etdump_result_to_file(str(path), str(path.with_suffix(".debug")))  # no debug buffer kept
-        return Path(path)
+        return path
 
     def close(self) -> None:
         self.method = None

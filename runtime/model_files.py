@@ -35,6 +35,9 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+# Names that start a model's own bytes (tokenizer and config files excluded): an exported variant's file with
+# its external data (model.onnx.data), or a model directory's weights, sharded ones (model-00001-of-...) included.
+MODEL_BYTES_PREFIXES = (*VARIANT_FILES, "model.safetensors", "model-", "pytorch_model")
 
 
 @dataclass
@@ -63,6 +66,13 @@ def is_model_dir(path: Path) -> bool:
 
 def variant_format(path: Path) -> str | None:
     return next((fmt for name, fmt in VARIANT_FILES.items() if (path / name).is_file()), None)
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes of the model itself: model.onnx(+.data), model.pte, model.gguf, or the weight files of a model directory."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name.startswith(MODEL_BYTES_PREFIXES))
 
 
 def export_variants(export_dir: Path) -> dict[str, tuple[str, Path]]:
@@ -98,7 +108,7 @@ def find_model_files(model: Path) -> ModelFiles:
         )
     files = ModelFiles()
     if model.is_file():
-        fmt = {".onnx": "onnx", ".pte": "pte", ".gguf": "gguf"}.get(model.suffix)
+        fmt = {Path(name).suffix: f for name, f in VARIANT_FILES.items()}.get(model.suffix)
         if fmt is None:
             raise GenerationError(f"{model} is not a .onnx, .pte or .gguf file; give a model or export directory")
         files.variants[model.parent.name] = (fmt, model.parent)
