@@ -108,13 +108,14 @@ def executorch_profile(variant_dir: Path, prompt: list[int], new_tokens: int, th
     }
 
 
-def weights_bytes(variant_dir: Path, variant: str, model_dir: Path) -> int | None:
-    from effllm.runtime.roofline import onnx_bytes_per_token, pte_bytes_per_token
+def weights_bytes(variant_dir: Path, variant: str) -> int | None:
+    """Weights one decode step reads, as effllm-bench's roofline counts them for the same variant."""
+    from effllm.runtime.bench_targets import plan_targets
+    from effllm.runtime.roofline import weights_per_token
 
-    if variant.startswith("onnx"):
-        return onnx_bytes_per_token(variant_dir / "model.onnx")
-    quantization = "8da4w" if variant.endswith("8da4w") else "fp32"
-    return pte_bytes_per_token(model_dir / "config.json", quantization)
+    backend = "onnxruntime" if variant.startswith("onnx") else "executorch"
+    (target,) = plan_targets(variant_dir.parent, [backend], [variant])
+    return weights_per_token(target)[0]
 
 
 def markdown(report: dict) -> str:
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             profile = onnx_profile if variant.startswith("onnx") else executorch_profile
             print(f"{model} {variant} ...", file=sys.stderr, flush=True)
             row = {"model": model, "variant": variant, **profile(variant_dir, prompt, args.new_tokens, args.threads)}
-            row["weights_bytes"] = weights_bytes(variant_dir, variant, Path(args.work) / model / "model")
+            row["weights_bytes"] = weights_bytes(variant_dir, variant)
             row["roofline_ms"] = 1000.0 * row["weights_bytes"] / bandwidth if row["weights_bytes"] else None
             report["rows"].append(row)
             print(f"  step {row['wall_ms']:.2f} ms: {dict(list(row['ops_ms'].items())[:4])}", file=sys.stderr)
