@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .onnx_attention import group_query_attention, padding_bias, rotary_caches, rotary_embedding, translation_table
+
 ONNX_MODEL_FILE = "model.onnx"
 GENAI_CONFIG_FILE = "genai_config.json"
 PAST_KEY = "past_key_values.{}.key"
@@ -63,8 +65,9 @@ def eos_ids(config) -> list[int]:
 class OnnxDecoder(nn.Module):
     """The model's own modules, with the KV cache passed in and out as plain tensors.
 
-    Reuses embed/rotary/norm/project_qkv/attend/mlp of the wrapped model, so the exported math is
-    the model's math; only the cache handling (concatenate past with the new keys/values) is ours.
+    Reuses the wrapped model's embedding, norms, projections, MLPs and RoPE, so the exported math is
+    the model's math; each layer's RoPE and attention (cache append, softmax) are onnxruntime's fused
+    RotaryEmbedding and GroupQueryAttention nodes (onnx_attention.py), fed the model's own rotary values.
     """
 
     def __init__(self, model):
@@ -74,37 +77,32 @@ class OnnxDecoder(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         inner = self.model.model
         hidden = inner.embed_tokens(input_ids)
-        cos, sin = inner.rotary_emb(hidden, position_ids)
-        mask = padded_causal_mask(attention_mask, input_ids.shape[1])
+        batch, seq = input_ids.shape
+        total = attention_mask.shape[1]
+        cos_cache, sin_cache = rotary_caches(inner.rotary_emb, hidden, total)
+        bias = padding_bias(attention_mask, seq, hidden.dtype)
+        # Every row holds all `total` positions (padding is in the bias), so seqlens_k is total-1 for all.
+        seqlens_k = torch.full((batch,), total - 1, dtype=torch.int32)
+        total_length = torch.full((), total, dtype=torch.int32)
         presents = []
         cache_index = 0
         for layer in inner.layers:
-            if layer.self_attn is not None:
-                q, k, v = layer.self_attn.project_qkv(layer.input_layernorm(hidden), cos, sin)
-                k = torch.cat([past[2 * cache_index], k], dim=2)
-                v = torch.cat([past[2 * cache_index + 1], v], dim=2)
-                presents += [k, v]
+            attn = layer.self_attn
+            if attn is not None:
+                x = layer.input_layernorm(hidden)
+                q = rotary_embedding(attn.q_proj(x), position_ids, cos_cache, sin_cache, attn.num_heads)
+                k = rotary_embedding(attn.k_proj(x), position_ids, cos_cache, sin_cache, attn.num_kv_heads)
+                out, key, value = group_query_attention(
+                    q, k, attn.v_proj(x), past[2 * cache_index], past[2 * cache_index + 1],
+                    seqlens_k, total_length, bias, attn.num_heads, attn.num_kv_heads, attn.scaling,
+                )  # fmt: skip
+                presents += [key, value]
                 cache_index += 1
-                hidden = hidden + layer.self_attn.attend(q, k, v, mask)
+                hidden = hidden + attn.o_proj(out)
             if layer.mlp is not None:
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         logits = self.model.lm_head(inner.norm(hidden))
         return (logits, *presents)
-
-
-def padded_causal_mask(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
-    """Boolean [batch, 1, query, past+query]: causal, padding keys masked, as the model's own mask.
-
-    The queries are the last ``query_len`` positions of the attention mask. Each query may always
-    attend to itself, so a padding query gets finite values instead of NaN (as in modeling_effllm).
-    """
-    total = attention_mask.shape[1]
-    key_pos = torch.arange(total, device=attention_mask.device)
-    # arange + offset, not key_pos[-query_len:]: a slice would give torch.export an unbacked size.
-    query_pos = torch.arange(query_len, device=attention_mask.device) + (total - query_len)
-    causal = key_pos[None, :] <= query_pos[:, None]
-    itself = key_pos[None, :] == query_pos[:, None]
-    return (causal[None, None] & attention_mask[:, None, None, :].bool()) | itself[None, None]
 
 
 def example_inputs(config, batch: int = 2, seq: int = 3, past: int = 4) -> tuple[torch.Tensor, ...]:
@@ -147,6 +145,7 @@ def export_onnx(model, out_dir: str | Path, max_seq_len: int, model_dir: str | P
             input_names=["input_ids", "attention_mask", "position_ids", *past_names],
             output_names=["logits", *present_output_names(config)],
             dynamic_shapes=dynamic_shapes,
+            custom_translation_table=translation_table(),
             dynamo=True,
             verbose=False,
         )
