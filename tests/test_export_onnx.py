@@ -68,6 +68,23 @@ def test_graph_has_static_per_layer_kv_heads(exported):
     assert genai["decoder"]["head_size"] == config.head_dim
 
 
+def test_graph_uses_onnxruntime_fused_operators(exported):
+    """Each layer's attention is one GroupQueryAttention node with that layer's own head counts, RoPE two
+    RotaryEmbedding nodes, every RMSNorm one SimplifiedLayerNormalization node."""
+    model, _, onnx_dir = exported
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+    shapes = model.config.layer_shapes()
+    attention = [(h, kv) for h, kv, _ in shapes if h]
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in gqa]
+    assert [(a["num_heads"], a["kv_num_heads"]) for a in attrs] == attention
+    assert all(n.domain == "com.microsoft" for n in gqa)
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("RotaryEmbedding") == 2 * len(attention)
+    assert ops.count("SimplifiedLayerNormalization") == len(attention) + sum(f > 0 for *_, f in shapes) + 1
+    assert "Softmax" not in ops and "ReduceMean" not in ops
+
+
 def test_onnxruntime_prefill_and_decode_match_torch(exported):
     """Batch of two, the second left-padded: prefill, then 6 decode steps through the KV cache."""
     model, _, onnx_dir = exported
@@ -123,9 +140,9 @@ def test_quantized_variant_within_thresholds(method, op, tokenizer, corpus):
     qdir = run.out / f"onnx-{method}"
     graph = onnx.load(str(qdir / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
-    # 3 attention projections + o_proj per attention layer, 3 per FFN, 1 lm_head (tied: folded transpose).
+    # Per attention layer q/k/v as one matmul + o_proj, per FFN gate/up as one + down, 1 lm_head (tied: folded transpose).
     shapes = model.config.layer_shapes()
-    linears = sum(4 * (h > 0) + 3 * (f > 0) for h, _, f in shapes) + 1
+    linears = sum(2 * (h > 0) + 2 * (f > 0) for h, _, f in shapes) + 1
     assert ops.count(op) == linears
     assert "MatMul" not in ops or all(
         n.input[1] not in {i.name for i in graph.initializer} for n in graph.node if n.op_type == "MatMul"

@@ -1,5 +1,8 @@
-"""Attention for the ONNX export as onnxruntime's fused contrib operators: per layer, two
-RotaryEmbedding nodes (queries, keys) and one GroupQueryAttention node.
+"""The ONNX export's fused operators: onnxruntime's own nodes for RMSNorm, RoPE and attention.
+
+Per layer: SimplifiedLayerNormalization for each RMSNorm (onnxruntime fuses it with the residual Add
+into SkipSimplifiedLayerNormalization), two RotaryEmbedding nodes (queries, keys) and one
+GroupQueryAttention node.
 
 Written as plain ONNX operators, a layer's attention is ~30 small nodes (reshapes, transposes, RoPE's
 slices, the KV-cache Concat, the masked softmax) whose per-node overhead dominated quantized decode
@@ -7,8 +10,9 @@ slices, the KV-cache Concat, the masked softmax) whose per-node overhead dominat
 the cache append and the attention in one kernel and takes each layer's own head and KV-head counts as
 attributes, so irregular layers stay irregular.
 
-The exporter sees torch custom ops (effllm::rotary_embedding, effllm::group_query_attention) whose ONNX
-translations are those nodes. Their torch implementations spell out the semantics we rely on (and run if
+The exporter sees torch custom ops (effllm::rms_norm, effllm::rotary_embedding,
+effllm::group_query_attention) whose ONNX translations are those nodes; written by the exporter itself,
+an RMSNorm is seven nodes (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) that onnxruntime does not fuse. Their torch implementations spell out the semantics we rely on (and run if
 the wrapper is called eagerly); onnxruntime's kernels are checked against the model by the export's
 verification and tests:
     query [b, s, heads*d], key/value [b, s, kv_heads*d]   projections, queries and keys rotated
@@ -23,6 +27,17 @@ left-padded batches (as Hugging Face pads for generation) need the bias.
 from __future__ import annotations
 
 import torch
+
+
+@torch.library.custom_op("effllm::rms_norm", mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (the model's EfficientLLMRMSNorm in fp32)."""
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("effllm::rotary_embedding", mutates_args=())
@@ -83,7 +98,7 @@ def _(query, key, value, past_key, past_value, seqlens_k, total_length, attentio
     return query.new_empty(b, s, num_heads * past_key.shape[3]), past_key.new_empty(kv_shape), past_value.new_empty(kv_shape)
 
 
-# ---- their ONNX translations: onnxruntime's com.microsoft contrib operators ----------------------
+# ---- their ONNX translations: onnxruntime's contrib operators -----------------------------------------------------
 # onnx has no schemas for onnxruntime's contrib operators, and onnxscript builds a node only from a
 # schema; these describe the part of each signature we use (onnxruntime checks the node against its own).
 TYPES = {"T": ["tensor(float)"], "M": ["tensor(int32)"], "I": ["tensor(int64)"]}
@@ -95,22 +110,30 @@ GQA_INPUTS = (
 )  # fmt: skip
 
 
-def contrib_op(name: str, inputs, outputs, attributes: dict[str, str]):
-    """An onnxscript Op for onnxruntime's com.microsoft ``name``, from (name, type) pairs."""
+def contrib_op(name: str, inputs, outputs, attributes: dict[str, str], domain: str = "com.microsoft"):
+    """An onnxscript Op for onnxruntime's operator ``name`` in ``domain``, from (name, type) pairs."""
     import onnxscript
     from onnx.defs import OpSchema
 
     optional = OpSchema.FormalParameterOption.Optional
     schema = OpSchema(
         name,
-        "com.microsoft",
+        domain,
         1,
         inputs=[OpSchema.FormalParameter(n, t, param_option=optional) for n, t in inputs],
         outputs=[OpSchema.FormalParameter(n, t) for n, t in outputs],
         type_constraints=[(t, types, "") for t, types in TYPES.items() if any(t == k for _, k in (*inputs, *outputs))],
         attributes=[OpSchema.Attribute(n, getattr(OpSchema.AttrType, kind), "") for n, kind in attributes.items()],
     )
-    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
+    return onnxscript.values.Op(onnxscript.values.Opset(domain, 1), name, schema)
+
+
+def onnx_rms_norm(x, weight, eps: float):
+    """onnxruntime's SimplifiedLayerNormalization (its own, in the default domain); onnxruntime then fuses
+    it with the residual Add before it into SkipSimplifiedLayerNormalization."""
+    attributes = {"epsilon": "FLOAT", "axis": "INT", "stash_type": "INT"}
+    op = contrib_op("SimplifiedLayerNormalization", [("X", "T"), ("scale", "T")], [("Y", "T")], attributes, domain="")
+    return op(x, weight, epsilon=eps, axis=-1, stash_type=1)
 
 
 def onnx_rotary_embedding(x, position_ids, cos_cache, sin_cache, num_heads: int):
@@ -135,6 +158,7 @@ def onnx_group_query_attention(
 def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export."""
     return {
+        torch.ops.effllm.rms_norm.default: onnx_rms_norm,
         torch.ops.effllm.rotary_embedding.default: onnx_rotary_embedding,
         torch.ops.effllm.group_query_attention.default: onnx_group_query_attention,
     }
