@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fused_linears import FusedProjections
 from .onnx_fused_ops import (
     group_query_attention,
     padding_bias,
@@ -75,21 +76,13 @@ class OnnxDecoder(nn.Module):
     Reuses the wrapped model's embedding, norms, projections, MLPs and RoPE, so the exported math is
     the model's math; each layer's RoPE and attention (cache append, softmax) are onnxruntime's fused
     RotaryEmbedding and GroupQueryAttention nodes (onnx_fused_ops.py), fed the model's own rotary values.
-    A layer's q/k/v projections are one MatMul, and so are its FFN's gate and up projections: the
-    weights concatenated along the output dimension, so int4 blocks (along the input) are unchanged,
-    and each decode step runs 3 matrix kernels per layer instead of 6.
+    A layer's q/k/v projections are one MatMul, and so are its FFN's gate and up (fused_linears.py).
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        layers = model.model.layers
-        self.qkv = nn.ModuleList(
-            concatenated(a.q_proj, a.k_proj, a.v_proj) if a else nn.Identity() for a in (lay.self_attn for lay in layers)
-        )
-        self.gate_up = nn.ModuleList(
-            concatenated(m.gate_proj, m.up_proj) if m else nn.Identity() for m in (lay.mlp for lay in layers)
-        )
+        self.fused = FusedProjections(model.model.layers)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         inner = self.model.model
@@ -103,11 +96,10 @@ class OnnxDecoder(nn.Module):
         total_length = torch.full((), total, dtype=torch.int32)
         presents = []
         cache_index = 0
-        for layer, qkv, gate_up in zip(inner.layers, self.qkv, self.gate_up):
+        for index, layer in enumerate(inner.layers):
             attn = layer.self_attn
             if attn is not None:
-                q_width, kv_width = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-                q, k, v = qkv(norm(layer.input_layernorm, hidden)).split([q_width, kv_width, kv_width], dim=-1)
+                q, k, v = self.fused.project_qkv(index, attn, norm(layer.input_layernorm, hidden))
                 q = rotary_embedding(q, position_ids, cos_cache, sin_cache, attn.num_heads)
                 k = rotary_embedding(k, position_ids, cos_cache, sin_cache, attn.num_kv_heads)
                 out, key, value = group_query_attention(
@@ -118,20 +110,9 @@ class OnnxDecoder(nn.Module):
                 cache_index += 1
                 hidden = hidden + attn.o_proj(out)
             if layer.mlp is not None:
-                gate, up = gate_up(norm(layer.post_attention_layernorm, hidden)).chunk(2, dim=-1)
-                hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)  # EfficientLLMMLP's math
+                hidden = hidden + self.fused.mlp(index, layer.mlp, norm(layer.post_attention_layernorm, hidden))
         logits = self.model.lm_head(norm(inner.norm, hidden))
         return (logits, *presents)
-
-
-def concatenated(*linears: nn.Linear) -> nn.Linear:
-    """One Linear computing all of ``linears`` at once (outputs side by side, in order)."""
-    weight = torch.cat([lin.weight for lin in linears])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
-    return fused
 
 
 def norm(module, hidden: torch.Tensor) -> torch.Tensor:

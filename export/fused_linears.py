@@ -1,0 +1,53 @@
+"""Fewer, wider matrix multiplies for the exported decoders: per layer, q/k/v as one Linear and the
+FFN's gate/up as one Linear.
+
+At batch 1 a decode step is a chain of matrix-vector products, and every one of them costs a kernel
+dispatch (and, in 8da4w, a dynamic quantization of its input) besides its weights. The weights are
+concatenated along the output dimension, so each output row keeps its own values: int4 blocks / 8da4w
+groups (along the input dimension) and per-channel scales are exactly those of the separate layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def concatenated(*linears: nn.Linear) -> nn.Linear:
+    """One Linear computing all of ``linears`` at once (outputs side by side, in order)."""
+    weight = torch.cat([lin.weight for lin in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
+    return fused
+
+
+class FusedProjections(nn.Module):
+    """The fused projections of a model's layers (nn.Identity where a layer has no attention / FFN)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        # the separate Linears these replace (a plain list: not submodules), for quantizers to skip
+        self.replaced: list[nn.Linear] = [
+            lin
+            for lay in layers
+            for lin in ((lay.self_attn.q_proj, lay.self_attn.k_proj, lay.self_attn.v_proj) if lay.self_attn else ())
+            + ((lay.mlp.gate_proj, lay.mlp.up_proj) if lay.mlp else ())
+        ]
+        self.qkv = nn.ModuleList(
+            concatenated(a.q_proj, a.k_proj, a.v_proj) if a else nn.Identity() for a in (lay.self_attn for lay in layers)
+        )
+        self.gate_up = nn.ModuleList(
+            concatenated(m.gate_proj, m.up_proj) if m else nn.Identity() for m in (lay.mlp for lay in layers)
+        )
+
+    def project_qkv(self, index: int, attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s queries, keys and values, [batch, seq, heads*head_dim] each, before RoPE."""
+        q_width, kv_width = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        return self.qkv[index](x).split([q_width, kv_width, kv_width], dim=-1)
+
+    def mlp(self, index: int, mlp, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``index``'s FFN (EfficientLLMMLP's math: down(act(gate) * up))."""
+        gate, up = self.gate_up[index](x).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
