@@ -158,6 +158,8 @@ def merge_rounds(runs: list[dict]) -> dict:
     row["ttft_s"] = statistics.median(r["ttft_s"] for r in ok)
     row["load_s"] = statistics.median(r["load_s"] for r in ok)
     row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    if all(r.get("model_rss_mb") is not None for r in ok):
+        row["model_rss_mb"] = max(r["model_rss_mb"] for r in ok)
     prefill = {}
     for n, first in (ok[0].get("prefill") or {}).items():
         if first is None:

@@ -36,6 +36,13 @@ class Backend:
     bos_id: int | None = None
     vocab_size: int | None = None
 
+    @classmethod
+    def import_runtime(cls, threads: int | None = None) -> None:
+        """Import (and set up) the runtime's own libraries, as loading a model would.
+
+        effllm-bench calls it before loading, so a model's memory can be told apart from the runtime's.
+        """
+
     def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
         """Run ``tokens`` at positions start_pos.. and return the last position's logits (float32 [vocab]).
 

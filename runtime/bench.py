@@ -8,6 +8,9 @@ onnxruntime-genai on onnx/, onnx-int8/, onnx-int4/; ExecuTorch on executorch/, e
     prefill tok/s     prompt tokens / the prompt's forward pass, for each prompt length (128, 512)
     decode tok/s      new tokens / their time, one forward per token after a 128-token prompt (128 new)
     peak_rss_mb       the worker process's peak resident memory (VmHWM), imports included
+    over runtime      peak_rss_mb minus the process's memory once the runtime's libraries are imported
+                      (before the model loads): what the model costs in that runtime (weights, packed
+                      copies, KV cache, activations), without the Python interpreter, torch, ...
     file_bytes        the model file(s)
 Every number is the median over ``repeats`` runs after ``warmup`` runs. Prompts are random token ids
 (seeded; speed does not depend on them), decoding is greedy and ignores EOS so every run does the

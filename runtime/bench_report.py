@@ -108,7 +108,8 @@ def markdown_table(report: dict) -> str:
     multi = len({r.get("model", "") for r in report["results"]}) > 1
     head = (["model"] if multi else []) + ["backend", "variant", "size MiB", "load s", "TTFT ms"]
     head += [f"prefill {n} tok/s" for n in lengths]
-    head += ["decode tok/s", "vs torch", "vs fp32", "peak RSS MiB", "weights/token MiB", "roofline tok/s"]
+    head += ["decode tok/s", "vs torch", "vs fp32", "peak RSS MiB", "over runtime MiB", "weights/token MiB"]
+    head += ["roofline tok/s"]
     head += ["achieved/roofline", "top-1 agree", "ppl change"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
@@ -129,6 +130,7 @@ def markdown_table(report: dict) -> str:
             _fmt(r.get("decode_vs_torch"), ".2f") + ("x" if r.get("decode_vs_torch") else ""),
             _fmt(r.get("decode_vs_fp32"), ".2f") + ("x" if r.get("decode_vs_fp32") else ""),
             _fmt(r.get("peak_rss_mb"), ".0f"),
+            _fmt(r.get("model_rss_mb"), ".0f"),
             _fmt(r.get("weight_bytes_per_token"), ".1f", 1 / 2**20),
             _fmt(r.get("roofline_tokens_per_s"), ".1f"),
             _fmt(r.get("roofline_fraction"), ".2f"),

@@ -43,20 +43,29 @@ def memory_mib(field_name: str = "VmHWM") -> float | None:
 
 def measure(spec: dict) -> dict:
     """Time one backend on one variant (runs inside the worker process)."""
-    from .generate import load_backend
+    from .generate import backend_class
 
     threads = spec.get("threads")
     prompt_lengths = [int(n) for n in spec["prompt_lengths"]]
     new_tokens, warmup, repeats = int(spec["new_tokens"]), int(spec["warmup"]), int(spec["repeats"])
     rss_before = memory_mib("VmRSS")
-    start = time.perf_counter()
+    start = time.perf_counter()  # load_s is a cold start: the runtime's imports, then the model
+    cls = backend_class(spec["backend"])
     with quiet_native_output():
-        backend = load_backend(spec["backend"], spec["path"], threads)
+        cls.import_runtime(threads)
+    rss_runtime = memory_mib("VmRSS")  # the process with the runtime's libraries in it, no model yet
+    with quiet_native_output():
+        backend = cls(spec["path"], threads=threads)
     load_s = time.perf_counter() - start
     limit = backend.max_seq_len or 1 << 30
     vocab = backend.vocab_size or 256
     rng = np.random.default_rng(int(spec.get("seed", 0)))
-    result: dict = {"load_s": load_s, "rss_before_load_mb": rss_before, "max_seq_len": backend.max_seq_len}
+    result: dict = {
+        "load_s": load_s,
+        "rss_before_load_mb": rss_before,
+        "rss_runtime_mb": rss_runtime,
+        "max_seq_len": backend.max_seq_len,
+    }
     notes = []
 
     def timed_prefill(ids):
@@ -107,6 +116,8 @@ def measure(spec: dict) -> dict:
         "prompt_tokens": decode_prompt,
     }
     result["peak_rss_mb"] = memory_mib("VmHWM")
+    if result["peak_rss_mb"] is not None and rss_runtime is not None:
+        result["model_rss_mb"] = result["peak_rss_mb"] - rss_runtime  # see bench.py: "over runtime"
     result["torch_imported"] = "torch" in sys.modules
     result["notes"] = notes
     backend.close()

@@ -45,6 +45,14 @@ def pte_path(path: str | Path) -> Path:
 class ExecuTorchBackend(Backend):
     name = "executorch"
 
+    @classmethod
+    def import_runtime(cls, threads: int | None = None) -> None:
+        import torch  # noqa: F401
+        from executorch.runtime import Runtime
+
+        prepare_executorch(threads)
+        Runtime.get()
+
     def __init__(self, path: str | Path, threads: int | None = None, etdump: bool = False):
         import torch
         from executorch.runtime import Runtime

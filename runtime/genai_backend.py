@@ -21,6 +21,10 @@ from .backend import Backend, GenerationError, as_id_list, read_json
 class GenaiBackend(Backend):
     name = "genai"
 
+    @classmethod
+    def import_runtime(cls, threads: int | None = None) -> None:
+        import onnxruntime_genai  # noqa: F401
+
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime_genai as og
 

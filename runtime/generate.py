@@ -29,30 +29,34 @@ from .native import quiet_native_output
 from .sampling import GREEDY, Sampler, SamplingConfig, SamplingError
 
 
-def load_backend(backend: str, path: str | Path, threads: int | None = None) -> Backend:
-    """The backend ``backend`` on ``path`` (a directory or file from :func:`locate`)."""
-    path = Path(path)
+def backend_class(backend: str) -> type[Backend]:
+    """The Backend subclass of ``backend`` (its module, and only that one, imported now)."""
     if backend == "torch":
         from .torch_backend import TorchBackend
 
-        return TorchBackend(path, threads=threads)
+        return TorchBackend
     if backend == "onnxruntime":
         from .onnx_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(path, threads=threads)
+        return OnnxRuntimeBackend
     if backend == "genai":
         from .genai_backend import GenaiBackend
 
-        return GenaiBackend(path, threads=threads)
+        return GenaiBackend
     if backend == "executorch":
         from .executorch_backend import ExecuTorchBackend
 
-        return ExecuTorchBackend(path, threads=threads)
+        return ExecuTorchBackend
     if backend == "llamacpp":
         from .llamacpp_backend import LlamaCppBackend
 
-        return LlamaCppBackend(path, threads=threads)
+        return LlamaCppBackend
     raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def load_backend(backend: str, path: str | Path, threads: int | None = None) -> Backend:
+    """The backend ``backend`` on ``path`` (a directory or file from :func:`locate`)."""
+    return backend_class(backend)(Path(path), threads=threads)
 
 
 class StreamDecoder:

@@ -50,6 +50,10 @@ def last_error() -> str:
 class LlamaCppBackend(Backend):
     name = "llamacpp"
 
+    @classmethod
+    def import_runtime(cls, threads: int | None = None) -> None:
+        llama_api()
+
     def __init__(
         self, path: str | Path, threads: int | None = None, kv_cache: str = "f16", extra_buffers: bool = False
     ):

@@ -25,6 +25,10 @@ PAST_PATTERN = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
+    @classmethod
+    def import_runtime(cls, threads: int | None = None) -> None:
+        import onnxruntime  # noqa: F401
+
     def __init__(
         self,
         path: str | Path,

@@ -19,6 +19,13 @@ from .backend import Backend, GenerationError, as_id_list, check_continues
 class TorchBackend(Backend):
     name = "torch"
 
+    @classmethod
+    def import_runtime(cls, threads: int | None = None) -> None:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        from effllm import EfficientLLMForCausalLM  # noqa: F401
+
     def __init__(self, path: str | Path, threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM

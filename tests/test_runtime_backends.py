@@ -265,6 +265,8 @@ def test_bench_writes_json_markdown_and_png(run_dir, tmp_path, capsys):
     for key, r in rows.items():
         assert r["error"] is None, (key, r["error"])
         assert r["load_s"] > 0 and r["ttft_s"] > 0 and r["file_bytes"] > 0 and r["peak_rss_mb"] > 0
+        # the runtime's imports and the model are told apart: both add memory, the model's share is under the peak
+        assert r["rss_before_load_mb"] < r["rss_runtime_mb"] and 0 < r["model_rss_mb"] < r["peak_rss_mb"]
         assert set(r["prefill"]) == {"8", "16"} and r["prefill"]["16"]["tokens_per_s"] > 0
         assert len(r["prefill"]["8"]["runs_s"]) == 2
         assert r["decode"]["tokens_per_s"] > 0 and r["decode"]["new_tokens"] == 4
