@@ -37,9 +37,6 @@ import torch
 from effllm.runtime.native import load_llm_kernels
 from torch import nn
 
-from effllm.modeling_effllm import apply_rotary
-
-from .fused_linears import FusedProjections
 from .onnx_export import eos_ids
 
 PTE_FILE = "model.pte"
@@ -57,7 +54,6 @@ class ExecuTorchDecoder(nn.Module):
         super().__init__()
         load_llm_kernels()
         self.model = model
-        self.fused = FusedProjections(model.model.layers)
         self.max_seq_len = int(max_seq_len)
         config = model.config
         self.cache_names: list[tuple[str, str] | None] = []
@@ -80,22 +76,17 @@ class ExecuTorchDecoder(nn.Module):
         torch._check(start + tokens.shape[1] <= self.max_seq_len)
         hidden = inner.embed_tokens(tokens)
         cos, sin = inner.rotary_emb(hidden, input_pos[None, :])
-        batch, seq = tokens.shape
-        for index, (layer, names) in enumerate(zip(inner.layers, self.cache_names)):
+        for layer, names in zip(inner.layers, self.cache_names):
             if names is not None:
                 attn = layer.self_attn
-                q, k, v = (
-                    x.view(batch, seq, -1, attn.head_dim)
-                    for x in self.fused.project_qkv(index, attn, layer.input_layernorm(hidden))
-                )
-                q, k = apply_rotary(q, cos, sin, heads_dim=2), apply_rotary(k, cos, sin, heads_dim=2)
+                q, k, v = attn.project_qkv(layer.input_layernorm(hidden), cos, sin, heads_first=False)
                 k_cache, v_cache = getattr(self, names[0]), getattr(self, names[1])
                 torch.ops.llama.update_cache(k, k_cache, start)
                 torch.ops.llama.update_cache(v, v_cache, start)
                 out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, attn.scaling)
                 hidden = hidden + attn.o_proj(out.flatten(2))
             if layer.mlp is not None:
-                hidden = hidden + self.fused.mlp(index, layer.mlp, layer.post_attention_layernorm(hidden))
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(inner.norm(hidden))
 
 
@@ -114,9 +105,8 @@ def runner_metadata(config, max_seq_len: int) -> dict:
     }
 
 
-def quantize_8da4w_(module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, skip=()) -> dict[str, str]:
-    """Quantize every nn.Linear in place (8da4w) but those in ``skip``; returns {linear name: "int4 group G" or
-    "int8 per-channel"}.
+def quantize_8da4w_(module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, str]:
+    """Quantize every nn.Linear in place (8da4w); returns {linear name: "int4 group G" or "int8 per-channel"}.
 
     Per-channel where in_features % group_size != 0: the int4 group kernels need whole groups.
     """
@@ -132,7 +122,7 @@ def quantize_8da4w_(module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, ski
     plan = {
         name: ("grouped" if m.in_features % group_size == 0 else "per-channel")
         for name, m in module.named_modules()
-        if isinstance(m, nn.Linear) and not any(m is s for s in skip)
+        if isinstance(m, nn.Linear)
     }
     grouped = {n for n, kind in plan.items() if kind == "grouped"}
     per_channel = {n for n, kind in plan.items() if kind == "per-channel"}
@@ -206,10 +196,10 @@ def export_executorch(
     if quantize == "8da4w":
         model = copy.deepcopy(model)  # quantize_ swaps weights in place; the caller keeps its fp32 model
     model = model.float().eval().requires_grad_(False)
-    decoder = ExecuTorchDecoder(model, max_seq_len).eval()
-    if quantize == "8da4w":  # after the decoder fused q/k/v and gate/up: the fused weights are the ones quantized
-        quantize_8da4w_(decoder, group_size, skip=decoder.fused.replaced)
+    if quantize == "8da4w":
+        quantize_8da4w_(model, group_size)
         quantize_embedding_(model, group_size)
+    decoder = ExecuTorchDecoder(model, max_seq_len).eval()
     # One Dim shared by tokens' length and input_pos' length: prefill any length, decode one token.
     seq = Dim("seq_len", min=1, max=max_seq_len - 1)
     example = (torch.zeros(1, 4, dtype=torch.long), torch.arange(4))
