@@ -24,13 +24,19 @@ print(json.dumps(paired_worker(json.loads(sys.stdin.read()))))
 
 
 def paired_worker(spec: dict) -> dict:
-    """The models in this process, timed in turn; the order reverses every round (a, b, c, c, b, a, ...)."""
+    """The models in this process, timed in turn; the order reverses every round (a, b, c, c, b, a, ...).
+
+    spec["backend"] runs every path, unless spec["backends"] names another for some of them.
+    """
     import numpy as np
     from effllm.runtime.generate import load_backend
     from effllm.runtime.native import quiet_native_output
 
     with quiet_native_output():
-        models = {name: load_backend(spec["backend"], path, spec["threads"]) for name, path in spec["paths"].items()}
+        models = {
+            name: load_backend(spec.get("backends", {}).get(name, spec["backend"]), path, spec["threads"])
+            for name, path in spec["paths"].items()
+        }
     rng = np.random.default_rng(0)
     prompt = rng.integers(1, 13000, spec["prompt"]).tolist()
     long_prompt = rng.integers(1, 13000, spec["long_prompt"]).tolist()
