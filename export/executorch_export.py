@@ -1,8 +1,12 @@
 """ExecuTorch export: a .pte with per-layer KV-cache buffers that ExecuTorch's LLM runner can drive.
 
 The program (docs/formats.md, "ExecuTorch"):
-    forward(tokens int64[1, T], input_pos int64[T]) -> logits float[1, T, vocab]
+    forward(tokens int64[1, T], input_pos int64[T]) -> logits float[1, 1, vocab] (the last position's)
 input_pos holds consecutive positions start..start+T-1, as ExecuTorch's LLM runner passes them.
+Only the last position's logits come out, as in ExecuTorch's own LLM exports: generation needs no
+more, and with every position's logits the memory plan held a [max_seq_len, vocab] buffer (125 MiB
+at 1024 x 32000) from the moment the method loads. Every position's logits, which export
+verification compares, come from one call per token (ExecuTorchBackend.forward_all).
 Each attention layer owns two buffers that forward updates in place, so layers keep their own
 KV-head counts. The constant methods below are what TextLLMRunner (and Android's LlmModule, which
 wraps it) read to decide how to call forward.
@@ -87,7 +91,7 @@ class ExecuTorchDecoder(nn.Module):
                 hidden = hidden + attn.o_proj(out.flatten(2))
             if layer.mlp is not None:
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(inner.norm(hidden))
+        return self.model.lm_head(inner.norm(hidden[:, -1:]))
 
 
 def runner_metadata(config, max_seq_len: int) -> dict:

@@ -1,7 +1,8 @@
 """model.pte on a laptop: the ExecuTorch runtime (our loop), or ExecuTorch's C++ LLM runner (its loop).
 
-``ExecuTorchBackend``: forward(tokens int64[1, T], input_pos int64[T]) -> logits [1, T, vocab] through
-``executorch.runtime``; the KV cache lives in the program's buffers, so start_pos 0 simply overwrites
+``ExecuTorchBackend``: forward(tokens int64[1, T], input_pos int64[T]) -> the last position's logits
+[1, 1, vocab] through ``executorch.runtime`` (older effllm files return [1, T, vocab]; the last row is
+used, so both run); forward_all runs one token per call to get every position's. The KV cache lives in the program's buffers, so start_pos 0 simply overwrites
 it from the beginning. Sampling is effllm.runtime.sampling's, like every other backend's.
 
 ``RunnerGenerator``: the same file in ``TextLLMRunner``, the C++ runner that Android's LlmModule
@@ -72,7 +73,7 @@ class ExecuTorchBackend(Backend):
         vocab = constant_method(self.program, "get_vocab_size")
         self.vocab_size = int(vocab) if vocab is not None else None
 
-    def forward_all(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+    def forward(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
         torch = self._torch
         n = len(tokens)
         if self.max_seq_len is not None and start_pos + n > self.max_seq_len:
@@ -80,7 +81,11 @@ class ExecuTorchBackend(Backend):
         out = self.method.execute(
             [torch.tensor([list(tokens)], dtype=torch.long), torch.arange(start_pos, start_pos + n, dtype=torch.long)]
         )
-        return out[0][0].numpy()
+        return out[0][0, -1].numpy()
+
+    def forward_all(self, tokens: Sequence[int], start_pos: int) -> np.ndarray:
+        """One call per token: the program returns the last position's logits only (docs/formats.md)."""
+        return np.stack([self.forward([token], start_pos + i) for i, token in enumerate(tokens)])
 
     def write_etdump(self, path: str | Path) -> Path:
         """Save the timings recorded since load (needs etdump=True) as an ETDump file for devtools' Inspector."""

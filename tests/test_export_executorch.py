@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from effllm.export.executorch_export import export_executorch, quantize_8da4w_
 from effllm.export.verify import QUANTIZED_THRESHOLDS
+from effllm.runtime.executorch_backend import ExecuTorchBackend
 from export_helpers import (
     CLI_MAX_SEQ_LEN,
     MAX_SEQ_LEN,
@@ -65,11 +66,13 @@ def test_runtime_prefill_and_decode_match_torch(exported):
         ids = torch.randint(1, model.config.vocab_size, (1, prompt_len + 6))
         with torch.no_grad():
             expected = model(ids).logits
-        got = [forward.execute([ids[:, :prompt_len], torch.arange(prompt_len)])[0]]
+        prefill = forward.execute([ids[:, :prompt_len], torch.arange(prompt_len)])[0]
+        assert prefill.shape == (1, 1, model.config.vocab_size)  # the last position's logits only
+        got = [prefill]
         for t in range(prompt_len, ids.shape[1]):
             got.append(forward.execute([ids[:, t : t + 1], torch.tensor([t])])[0])
         got = torch.cat(got, dim=1)
-        assert got.shape == expected.shape
+        expected = expected[:, prompt_len - 1 :]
         diff = (got - expected).abs().max().item()
         assert diff <= 1e-4, diff
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
@@ -135,11 +138,10 @@ def test_8da4w_embedding_of_a_hidden_size_off_the_group_is_int8_per_row(tmp_path
     pte = export_executorch(model, tmp_path, MAX_SEQ_LEN, "8da4w")
     operators = pte_operators(pte)
     assert "quantized_decomposed::embedding_byte" in operators and "aten::embedding" not in operators
-    _, forward = _forward(pte)
     ids = list(range(5, 30))
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0]
-    got = forward.execute([torch.tensor([ids]), torch.arange(len(ids))])[0][0]
+    got = torch.from_numpy(ExecuTorchBackend(pte).forward_all(ids, 0))  # every position: one token per call
     assert 1e-4 < (got - expected).abs().max() < 0.5  # quantized, and close
 
 
@@ -154,10 +156,10 @@ def test_8da4w_within_thresholds_and_runs_in_the_llm_runner(tokenizer, corpus):
     # The token lookup reads an int4 table, not the fp32 embedding (which would be most of the file).
     operators = pte_operators(pte)
     assert "quantized_decomposed::embedding_4bit" in operators and "aten::embedding" not in operators
-    _, forward = _forward(pte)
+    backend = ExecuTorchBackend(pte)
 
-    def run_window(ids):
-        return forward.execute([torch.tensor([ids]), torch.arange(len(ids))])[0][0]
+    def run_window(ids):  # every position's logits: one token per call (the program returns the last one's)
+        return torch.from_numpy(backend.forward_all(ids, 0))
 
     windows = heldout_windows(model_dir, 100)
     top1, ppl_change = top1_and_ppl_change(model, windows, run_window)
