@@ -1,25 +1,25 @@
 """The ONNX export's fused operators: onnxruntime's own nodes for RMSNorm, RoPE and attention.
 
-Per layer: SimplifiedLayerNormalization for each RMSNorm (onnxruntime fuses it with the residual Add
-into SkipSimplifiedLayerNormalization), two RotaryEmbedding nodes (queries, keys) and one
-GroupQueryAttention node.
+Per layer: SimplifiedLayerNormalization for each RMSNorm, two RotaryEmbedding nodes (queries, keys) and
+one GroupQueryAttention node.
 
-Written as plain ONNX operators, a layer's attention is ~30 small nodes (reshapes, transposes, RoPE's
-slices, the KV-cache Concat, the masked softmax) whose per-node overhead dominated quantized decode
-(bench/results/decode_profile.md: MatMulNBits was a quarter of an int4 step). GroupQueryAttention does
+Written as plain ONNX operators, a layer was ~70 small nodes (reshapes, transposes, RoPE's slices, the
+KV-cache Concat, the masked softmax, RMSNorm's seven) whose per-node overhead dominated quantized decode
+(MatMulNBits was a quarter of an int4 step; bench/results/onnx_fused_before_after.md has before/after). GroupQueryAttention does
 the cache append and the attention in one kernel and takes each layer's own head and KV-head counts as
 attributes, so irregular layers stay irregular.
 
 The exporter sees torch custom ops (effllm::rms_norm, effllm::rotary_embedding,
-effllm::group_query_attention) whose ONNX translations are those nodes; written by the exporter itself,
-an RMSNorm is seven nodes (Pow, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) that onnxruntime does not fuse. Their torch implementations spell out the semantics we rely on (and run if
-the wrapper is called eagerly); onnxruntime's kernels are checked against the model by the export's
-verification and tests:
-    query [b, s, heads*d], key/value [b, s, kv_heads*d]   projections, queries and keys rotated
-    past_key/past_value [b, kv_heads, past, d]            -> present [b, kv_heads, past+s, d] (past, then new)
-    seqlens_k [b] int32 = past+s-1, total_length int32 scalar = past+s
-    attention_bias [b, 1, s, past+s]                      0 or a large negative (padding); causality is the op's
-    cos_cache/sin_cache [past+s, d/2]                     the model's own rotary values for positions 0..past+s-1
+effllm::group_query_attention) whose ONNX translations are those nodes (the exporter's own RMSNorm,
+Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul/Mul, is a pattern onnxruntime does not fuse). Their torch
+implementations spell out the semantics we rely on (and run if the wrapper is called eagerly);
+onnxruntime's kernels are checked against the model by the export's verification and tests:
+    RotaryEmbedding: x [b, s, heads*d] at position_ids [b, s], with cos_cache/sin_cache [past+s, d/2]
+        (the model's own rotary values for positions 0..past+s-1)
+    GroupQueryAttention: query [b, s, heads*d], key/value [b, s, kv_heads*d] (queries and keys rotated)
+        past_key/past_value [b, kv_heads, past, d] -> present [b, kv_heads, past+s, d] (past, then new)
+        seqlens_k [b] int32 = past+s-1, total_length int32 scalar = past+s
+        attention_bias [b, 1, s, past+s]: 0 or a large negative (padding); causality is the op's
 Padding is carried by attention_bias, not by seqlens_k: onnxruntime's seqlens_k assumes right padding,
 left-padded batches (as Hugging Face pads for generation) need the bias.
 """
@@ -129,8 +129,7 @@ def contrib_op(name: str, inputs, outputs, attributes: dict[str, str], domain: s
 
 
 def onnx_rms_norm(x, weight, eps: float):
-    """onnxruntime's SimplifiedLayerNormalization (its own, in the default domain); onnxruntime then fuses
-    it with the residual Add before it into SkipSimplifiedLayerNormalization."""
+    """onnxruntime's SimplifiedLayerNormalization (registered by onnxruntime in the default domain)."""
     attributes = {"epsilon": "FLOAT", "axis": "INT", "stash_type": "INT"}
     op = contrib_op("SimplifiedLayerNormalization", [("X", "T"), ("scale", "T")], [("Y", "T")], attributes, domain="")
     return op(x, weight, epsilon=eps, axis=-1, stash_type=1)
