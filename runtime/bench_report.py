@@ -167,7 +167,9 @@ def markdown_report(report: dict) -> str:
         "",
         "load: a cold start, importing the backend's libraries included. "
         "TTFT: the first prompt through the model until the first token is chosen. vs torch: decode speed over "
-        "torch eager's on the same model; vs fp32: over the same backend's fp32 variant. Roofline: memory "
+        "torch eager's on the same model; vs fp32: over the same backend's fp32 variant. peak RSS: the whole "
+        "process's; over runtime: the peak minus the process once the runtime's libraries are imported (what "
+        "the model costs: weights, the runtime's copies of them, KV cache, activations). Roofline: memory "
         "bandwidth / bytes of weights read per token (an upper bound for decoding). top-1 agree / ppl change: "
         "effllm-export's verification of the variant against fp32 torch.",
     ]
