@@ -2,7 +2,7 @@
 gate/up as one Linear.
 
 At batch 1 a decode step is a chain of matrix-vector products, and every one of them costs a kernel
-dispatch (and, in 8da4w, a dynamic quantization of its input) besides its weights. The weights are
+dispatch (and, in onnx-int8, a dynamic quantization of its input) besides its weights. The weights are
 concatenated along the output dimension, so each output row keeps its own values: int4 blocks (along the
 input dimension) and per-channel int8 scales are exactly those of the separate layers.
 

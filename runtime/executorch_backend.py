@@ -2,8 +2,9 @@
 
 ``ExecuTorchBackend``: forward(tokens int64[1, T], input_pos int64[T]) -> the last position's logits
 [1, 1, vocab] through ``executorch.runtime`` (older effllm files return [1, T, vocab]; the last row is
-used, so both run); forward_all runs one token per call to get every position's. The KV cache lives in the program's buffers, so start_pos 0 simply overwrites
-it from the beginning. Sampling is effllm.runtime.sampling's, like every other backend's.
+used, so both run); forward_all runs one token per call to get every position's. The KV cache lives in
+the program's buffers, so start_pos 0 simply overwrites it from the beginning. Sampling is
+effllm.runtime.sampling's, like every other backend's.
 
 ``RunnerGenerator``: the same file in ``TextLLMRunner``, the C++ runner that Android's LlmModule
 wraps (tokenizer, prefill, decode and sampling all in C++). It is the laptop check that the phone app
@@ -60,7 +61,7 @@ class ExecuTorchBackend(Backend):
 
         self.path = pte_path(path)
         self._torch = torch
-        prepare_executorch(threads)
+        self.import_runtime(threads)  # the runtime's setup (threads, LLM kernels) lives there
         # etdump: record every operator's and delegate call's time (bench/decode_profile.py); write_etdump saves it
         self.program = Runtime.get().load_program(str(self.path), enable_etdump=etdump)
         if "forward" not in self.program.method_names:
