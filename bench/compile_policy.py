@@ -36,10 +36,10 @@ def run(policy: str, args) -> dict:
     from torch._dynamo.utils import counters
 
     from effllm import EfficientLLMConfig, EfficientLLMForCausalLM
-    from effllm.params import count_parameters
+    from effllm.model.params import count_parameters
     from effllm.pruning import Pruner, PruningConfig
-    from effllm.recipe import TrainConfig
-    from effllm.train import build_optimizer
+    from effllm.training.recipe import TrainConfig
+    from effllm.training.train import build_optimizer
 
     torch._dynamo.reset()
     counters.clear()
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from effllm.fileio import write_json_atomic
+    from effllm.common.fileio import write_json_atomic
 
     torch.set_num_threads(1)
     results = []

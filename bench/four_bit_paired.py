@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from effllm.runtime.machine import load_average, machine_info
 
-    from effllm.fileio import write_atomic
+    from effllm.common.fileio import write_atomic
 
     load_start = load_average()
     rows = []

@@ -5,7 +5,7 @@ What it measures, on one GPU (``--toy``: a tiny model on the CPU, for the test s
 1. A ~110M-parameter Llama-style source (d=768, 12 layers, 12 heads / 4 KV heads, FFN 3072, an
    8,192-token BPE trained here on the Python docs; random weights: this checks the system, not
    the quality) is pruned to half its size over the first half of ``--steps`` steps and trained
-   on for the rest, with effllm.train.train as effllm-train runs it (bf16 autocast), twice:
+   on for the rest, with effllm.training.train.train as effllm-train runs it (bf16 autocast), twice:
    ``--compile`` off and on (on: compiled once the pruning phase is over).
 2. Per run: tokens/s of the pruning phase and of the phase after it, the pruning overhead (the
    ratio of the two, per parameter), MFU of the phase after pruning (6 N + attention FLOPs per
@@ -43,8 +43,8 @@ def build_source(work: Path, size: str) -> Path:
     import torch
 
     from effllm import EfficientLLMConfig, EfficientLLMForCausalLM
-    from effllm.corpus import python_docs_corpus
-    from effllm.tokenizer import train_ascii_bpe
+    from effllm.data.corpus import python_docs_corpus
+    from effllm.model.tokenizer import train_ascii_bpe
 
     hidden, layers, heads, kv, ffn, vocab, seq, _ = SIZES[size]
     tokenizer = train_ascii_bpe(python_docs_corpus(include_stdlib=size == "full"), vocab_size=vocab)
@@ -63,11 +63,11 @@ def build_source(work: Path, size: str) -> Path:
 def train_once(source: Path, work: Path, size: str, steps: int, compile_: bool, device_type: str) -> dict:
     import torch
 
-    from effllm.configuration_effllm import EfficientLLMConfig
-    from effllm.params import count_parameters
-    from effllm.plan import flops_per_token
-    from effllm.recipe import TrainConfig
-    from effllm.train import train
+    from effllm.model.configuration_effllm import EfficientLLMConfig
+    from effllm.model.params import count_parameters
+    from effllm.training.dry_run import flops_per_token
+    from effllm.training.recipe import TrainConfig
+    from effllm.training.train import train
 
     _, _, _, _, _, _, seq, batch = SIZES[size]
     cfg = TrainConfig(
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from effllm.fileio import write_atomic, write_json_atomic
+    from effllm.common.fileio import write_atomic, write_json_atomic
 
     size = "toy" if args.toy else "full"
     steps = args.steps or (8 if args.toy else 300)

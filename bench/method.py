@@ -52,12 +52,12 @@ class Study:
     data: list[str] | None
     source_dir: Path | None = None
     data_dir: Path | None = None
-    tokens: object = None  # effllm.data.TokenData of data_dir, prepared once by prepare()
+    tokens: object = None  # effllm.data.prepare.TokenData of data_dir, prepared once by prepare()
     source_params: int = 0
     base: dict = field(default_factory=dict)  # TrainConfig fields every run shares
 
     def train_config(self, **changes):
-        from effllm.recipe import TrainConfig
+        from effllm.training.recipe import TrainConfig
 
         return TrainConfig(**{**self.base, **changes})
 
@@ -88,7 +88,7 @@ def finished_run(cfg) -> dict | None:
 
 def run_training(study: Study, cfg) -> dict:
     """train(cfg), reusing a finished identical run and the study's one tokenized copy of the data."""
-    from effllm.train import train
+    from effllm.training.train import train
 
     result = finished_run(cfg)
     if result is not None:
@@ -109,10 +109,10 @@ def prepare(study: Study) -> dict:
     import torch
 
     from effllm import EfficientLLMConfig
-    from effllm.data import prepare_tokens
-    from effllm.params import count_parameters
-    from effllm.quickstart import tokenizer_texts
-    from effllm.tokenizer import train_ascii_bpe
+    from effllm.data.prepare import prepare_tokens
+    from effllm.model.params import count_parameters
+    from effllm.model.tokenizer import train_ascii_bpe
+    from effllm.training.quickstart import tokenizer_texts
 
     p = study.preset
     corpus_name = "your --data"
@@ -182,9 +182,9 @@ def one_shot_prune_source(study: Study, cell: Cell, target_params: int, out: Pat
     from transformers import AutoTokenizer
 
     from effllm import EfficientLLMForCausalLM
-    from effllm.fileio import staged_dir
+    from effllm.common.fileio import staged_dir
+    from effllm.data.token_batches import TokenBatches
     from effllm.pruning import PruningConfig, one_shot_prune
-    from effllm.token_batches import TokenBatches
 
     pruned = out / "pruned"
     marker = pruned / "oneshot.json"
@@ -214,7 +214,7 @@ def uniform_config_like(source, target_params: int):
     """A human-designed uniform model of about target_params: the source's depth and head_dim, with
     hidden size, heads and FFN width scaled down together (FFN kept at the source's ratio)."""
     from effllm import EfficientLLMConfig
-    from effllm.params import count_parameters
+    from effllm.model.params import count_parameters
 
     heads, kv, ffn = source.layer_shapes()[0]
     best = None
@@ -322,13 +322,13 @@ def run_stage(study: Study, cells: list[Cell], rows: dict, workers: int, started
 
 # ---- main -------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    from effllm.errors import run_cli
+    from effllm.common.errors import run_cli
 
     return run_cli("method.py", lambda: _main(argv))
 
 
 def _main(argv) -> int:
-    from effllm.params import count_parameters
+    from effllm.model.params import count_parameters
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="study size (default: cpu)")

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from effllm.errors import EffllmError
+from effllm.common.errors import EffllmError
 
 DOC_ROOTS = sorted(Path("/usr/share/doc").glob("linux-doc-*/Documentation"))
 INSTALL_HINT = "apt-get install linux-doc-6.1"

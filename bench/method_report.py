@@ -11,7 +11,7 @@ from pathlib import Path
 
 from method_grid import DEFAULT, ONESHOT, PAP, SCRATCH
 
-from effllm.fileio import write_atomic, write_json_atomic
+from effllm.common.fileio import write_atomic, write_json_atomic
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from effllm import EfficientLLMConfig, EfficientLLMForCausalLM
-from effllm.fileio import write_json_atomic
-from effllm.params import count_parameters, format_count
+from effllm.common.fileio import write_json_atomic
+from effllm.model.params import count_parameters, format_count
 from effllm.pruning import Pruner, PruningConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -61,12 +61,12 @@ def rank_main(args) -> int:
     import torch.nn.functional as F
 
     from effllm import EfficientLLMConfig, EfficientLLMForCausalLM
-    from effllm import distributed as D
-    from effllm.fileio import write_json_atomic
-    from effllm.params import count_parameters, format_count
+    from effllm.common.fileio import write_json_atomic
+    from effllm.model.params import count_parameters, format_count
     from effllm.pruning import Pruner, PruningConfig
-    from effllm.recipe import TrainConfig
-    from effllm.train import build_optimizer
+    from effllm.training import distributed as D
+    from effllm.training.recipe import TrainConfig
+    from effllm.training.train import build_optimizer
 
     torch.set_num_threads(1)
     info = D.init_distributed()

@@ -56,7 +56,7 @@ def build_models(work: Path) -> dict[str, Path]:
     import torch
 
     from effllm import EfficientLLMConfig, EfficientLLMForCausalLM
-    from effllm.params import count_parameters, format_count
+    from effllm.model.params import count_parameters, format_count
 
     dirs = {name: work / name / "model" for name in MODEL_SHAPES}
     missing = [
@@ -93,8 +93,8 @@ def build_tokenizer(path: Path):
 
     if (path / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(path)
-    from effllm.corpus import python_docs_corpus
-    from effllm.tokenizer import train_ascii_bpe
+    from effllm.data.corpus import python_docs_corpus
+    from effllm.model.tokenizer import train_ascii_bpe
 
     print("training an ASCII BPE tokenizer on the built-in corpus ...", file=sys.stderr)
     tokenizer = train_ascii_bpe(python_docs_corpus(include_stdlib=True), vocab_size=VOCAB)

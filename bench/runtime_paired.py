@@ -79,7 +79,7 @@ def paired(exports: dict, settings, args) -> int:
     from effllm.runtime.machine import load_average, machine_info
     from effllm.runtime.model_files import FORMAT_OF_BACKEND, find_model_files
 
-    from effllm.fileio import write_atomic
+    from effllm.common.fileio import write_atomic
 
     names = [n for n in (*COMPARED, "uniform") if n in exports]
     files = {name: find_model_files(exports[name]) for name in names}

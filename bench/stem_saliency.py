@@ -149,9 +149,9 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from effllm import EfficientLLMForCausalLM
-    from effllm.data import prepare_tokens
+    from effllm.data.prepare import prepare_tokens
+    from effllm.data.token_batches import TokenBatches, evaluate_batches
     from effllm.pruning.groups import ModelShapes
-    from effllm.token_batches import TokenBatches, evaluate_batches
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from method_grid import PRESETS

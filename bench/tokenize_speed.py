@@ -63,7 +63,7 @@ def machine_parallelism(procs: int, n: int = 20_000_000) -> float:
 
 def build_corpus(path: Path, megabytes: float) -> tuple[int, int]:
     """JSONL of stdlib source files (then the docs corpus, repeated) up to ``megabytes``; (docs, chars)."""
-    from effllm.corpus import python_docs_corpus
+    from effllm.data.corpus import python_docs_corpus
 
     limit = int(megabytes * 1e6)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from effllm.corpus import python_docs_corpus
-    from effllm.data import prepare_tokens
-    from effllm.fileio import write_atomic, write_json_atomic
-    from effllm.tokenizer import train_ascii_bpe
+    from effllm.common.fileio import write_atomic, write_json_atomic
+    from effllm.data.corpus import python_docs_corpus
+    from effllm.data.prepare import prepare_tokens
+    from effllm.model.tokenizer import train_ascii_bpe
 
     work = Path(tempfile.mkdtemp(prefix="effllm-tokbench-"))
     try:

@@ -4,7 +4,7 @@
 registers nothing and changes no logging, so ``effllm.runtime.onnx_backend`` (numpy + onnxruntime +
 tokenizers) runs without torch. The model classes load on first use (PEP 562):
 ``from effllm import EfficientLLMForCausalLM`` (or any name in ``__all__``) imports
-effllm.modeling_effllm, whose last lines register the classes with transformers' AutoConfig and
+effllm.model.modeling_effllm, whose last lines register the classes with transformers' AutoConfig and
 AutoModelForCausalLM and make ``save_pretrained`` copy the model code into the directory with an
 ``auto_map``. That is the only registration; a saved directory also loads with trust_remote_code
 where effllm is absent.
@@ -16,10 +16,10 @@ import logging
 __version__ = "0.1.0"
 
 _LAZY = {
-    "EfficientLLMConfig": "configuration_effllm",
-    "EfficientLLMConfigError": "configuration_effllm",
-    "EfficientLLMForCausalLM": "modeling_effllm",
-    "EfficientLLMModel": "modeling_effllm",
+    "EfficientLLMConfig": "model.configuration_effllm",
+    "EfficientLLMConfigError": "model.configuration_effllm",
+    "EfficientLLMForCausalLM": "model.modeling_effllm",
+    "EfficientLLMModel": "model.modeling_effllm",
 }
 __all__ = list(_LAZY)
 
@@ -31,7 +31,7 @@ NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
 def __getattr__(name: str):
     if name in _LAZY:
         # Through modeling_effllm for every name: the classes effllm hands out always come registered.
-        importlib.import_module(".modeling_effllm", __name__)
+        importlib.import_module(".model.modeling_effllm", __name__)
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -8,9 +8,16 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .cli_args import CliParser
-from .errors import run_cli
-from .recipe import QUICKSTART_SOURCE, RecipeError, TrainConfig, add_arguments, build_config, recipe_names
+from effllm.common.cli_args import CliParser
+from effllm.common.errors import run_cli
+from effllm.training.recipe import (
+    QUICKSTART_SOURCE,
+    RecipeError,
+    TrainConfig,
+    add_arguments,
+    build_config,
+    recipe_names,
+)
 
 DESCRIPTION = """\
 Pruning-aware pretraining (EfficientLLM): keep pretraining a trained Llama-family source model
@@ -36,7 +43,7 @@ EPILOG = """examples:
 
 
 def parser() -> CliParser:
-    from .pruning.config import DEFAULTS_HELP
+    from effllm.pruning.config import DEFAULTS_HELP
 
     p = CliParser(
         prog="effllm-train",
@@ -50,7 +57,7 @@ def parser() -> CliParser:
     plan.add_argument(
         "--dry-run", action="store_true",
         help="print shapes, steps, tokens, the pruning schedule, memory per device (DDP and FSDP2) and time; "
-        "offline for the sources in effllm.known_sources",
+        "offline for the sources in effllm.model.known_sources",
     )  # fmt: skip
     p.add_argument(
         "--tokenize-only", action="store_true",
@@ -84,7 +91,7 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
             return replace(build_config(args.recipe, args), resume=False)
         raise RecipeError(f"--resume: {out} holds no effllm run (no run.json); check --out")
     stored = TrainConfig(**json.loads(run.read_text())["config"])
-    from .train import VOLATILE
+    from effllm.training.train import VOLATILE
 
     changeable = {*VOLATILE, "eval_every"}
     for f in fields(TrainConfig):
@@ -101,7 +108,7 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
 
 def train_main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from . import quiet_library_logs
+    from effllm import quiet_library_logs
 
     quiet_library_logs()  # before transformers is imported below (run_cli does it too, later)
     if args.dry_run:
@@ -111,16 +118,16 @@ def train_main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar tracks the run; per-file load/save bars are noise
-    from . import distributed as D
+    from effllm.training import distributed as D
 
     def body() -> int:
-        from .train import train
+        from effllm.training.train import train
 
         cfg = resume_config(args) if args.resume else build_config(args.recipe, args)
         if cfg.source == QUICKSTART_SOURCE and not cfg.init_config and not cfg.resume:
-            from .quickstart import build_quickstart_source
-            from .train import check_out_dir
-            from .train_plan import pruning_config
+            from effllm.training.plan import pruning_config
+            from effllm.training.quickstart import build_quickstart_source
+            from effllm.training.train import check_out_dir
 
             check_out_dir(Path(cfg.out), cfg)  # before the source is trained, not after
             pruning_config(cfg)  # bad pruning knobs too: nothing written for a run that cannot start
@@ -138,8 +145,8 @@ def tokenize_only(args: argparse.Namespace) -> int:
     """--tokenize-only: the data preparation of a run, without the run."""
     from transformers import AutoTokenizer
 
-    from .data import prepare_tokens
-    from .errors import first_line
+    from effllm.common.errors import first_line
+    from effllm.data.prepare import prepare_tokens
 
     cfg = resume_config(args) if args.resume else build_config(args.recipe, args)
     if cfg.source == QUICKSTART_SOURCE and not cfg.init_config:
@@ -165,7 +172,7 @@ def dry_run(args: argparse.Namespace) -> int:
     """--dry-run: the run's plan, printed; reads configs only (no weights, no data, no writes)."""
     import os
 
-    from .plan import format_plan, make_plan
+    from effllm.training.dry_run import format_plan, make_plan
 
     cfg = resume_config(args) if args.resume else build_config(args.recipe, args)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))

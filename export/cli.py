@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from effllm.cli_args import CliParser
-from effllm.errors import run_cli
+from effllm.common.cli_args import CliParser
+from effllm.common.errors import run_cli
 
 from .inputs import DEFAULT_MODEL_DIR, DEFAULT_OUT, GROUP_SIZES, resolve_plan
 from .pipeline import run_export

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effllm.errors import EffllmError
+from effllm.common.errors import EffllmError
 
 ARCH = "deci"
 GGUF_FILE = "model.gguf"

@@ -35,7 +35,7 @@ def read_heldout_tokens(path: Path, limit: int) -> list[int]:
 
 def builtin_eval_text() -> str:
     """English text that ships with Python: standard-library docstrings (the corpus minus pydoc topics)."""
-    from effllm.corpus import python_docs_corpus
+    from effllm.data.corpus import python_docs_corpus
 
     topics = len(python_docs_corpus(include_stdlib=False))
     with warnings.catch_warnings():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from effllm.runtime.model_files import WEIGHT_FILES, sibling_export
 
-from effllm.errors import EffllmError, first_line
-from effllm.fileio import unwritable_reason
+from effllm.common.errors import EffllmError, first_line
+from effllm.common.fileio import unwritable_reason
 
 from .heldout import find_train_heldout
 
@@ -146,7 +146,7 @@ def check_model_dir(model_dir: Path):
         raise EffllmError(
             f"{model_dir} holds a {arch} (model_type {model_type!r}); effllm-export supports EfficientLLM "
             "directories (model_type 'effllm') only; import Llama/Qwen2/Mistral checkpoints with effllm-train "
-            "or effllm.convert.from_pretrained() and save_pretrained() the result"
+            "or effllm.model.convert.from_pretrained() and save_pretrained() the result"
         )
     if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
         raise EffllmError(f"{model_dir} has no weights (model.safetensors); save the model with model.save_pretrained()")

@@ -45,7 +45,7 @@ def rotary_embedding(
     x: torch.Tensor, position_ids: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, num_heads: int
 ) -> torch.Tensor:
     """RoPE (rotate_half layout) on [b, s, heads*d] at the given positions; caches [positions, d/2]."""
-    from effllm.modeling_effllm import apply_rotary
+    from effllm.model.modeling_effllm import apply_rotary
 
     b, s, width = x.shape
     cos = torch.cat([cos_cache[position_ids]] * 2, dim=-1)  # [b, s, d]
@@ -73,7 +73,7 @@ def group_query_attention(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal attention of the (already rotated) queries over past + new keys; returns the new cache too."""
-    from effllm.modeling_effllm import repeat_kv
+    from effllm.model.modeling_effllm import repeat_kv
 
     b, s, _ = query.shape
     d = past_key.shape[-1]

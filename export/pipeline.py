@@ -83,7 +83,7 @@ def quiet_libraries(native: bool = False):
 def run_export(plan: Plan) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from effllm import EfficientLLMForCausalLM
-    from effllm.params import architecture_summary
+    from effllm.model.params import architecture_summary
 
     from .executorch_export import export_executorch
     from .gguf_export import export_gguf

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from effllm.fileio import write_atomic
+from effllm.common.fileio import write_atomic
 
 from .verify import F16_MAX_ABS_LOGIT_DIFF, FP32_MAX_ABS_LOGIT_DIFF, GREEDY_TOKENS, QUANTIZED_THRESHOLDS, VariantReport
 

@@ -12,7 +12,7 @@
     bench               effllm-bench's run: bench_targets (what to run), bench_worker (one measurement in its
                         own process), machine (CPU, load, bandwidth), roofline, bench_report (JSON/Markdown/PNG)
     android             effllm-bench --target android: ExecuTorch's llama runner on a phone over adb
-    cli                 effllm-generate, effllm-bench (their parser: effllm.cli_args, shared by every command)
+    cli                 effllm-generate, effllm-bench (their parser: effllm.common.cli_args, shared by every command)
 
 effllm.export builds on this package (never the other way round); the formats it writes and what a
 runtime needs for them: docs/formats.md.

@@ -37,7 +37,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from effllm.errors import EffllmError
+from effllm.common.errors import EffllmError
 
 OBSERVER_TAG = "PyTorchObserver"
 DEVICE_DIR = "/data/local/tmp/effllm"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effllm.errors import EffllmError
+from effllm.common.errors import EffllmError
 
 
 class GenerationError(EffllmError):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effllm.fileio import write_atomic
+from effllm.common.fileio import write_atomic
 
 from .backend import read_json
 from .bench_targets import BenchSettings, Target

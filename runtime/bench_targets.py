@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from effllm.errors import EffllmError
+from effllm.common.errors import EffllmError
 
 from .model_files import BACKENDS, FORMAT_OF_BACKEND, find_model_files, model_bytes, sibling_model
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from effllm.errors import first_line
+from effllm.common.errors import first_line
 
 from .bench_targets import BenchSettings, Target
 from .native import quiet_native_output

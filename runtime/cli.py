@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from effllm.cli_args import CliParser, nonnegative_int, positive_int
-from effllm.errors import EXIT_INTERRUPTED, EffllmError, first_line, run_cli
+from effllm.common.cli_args import CliParser, nonnegative_int, positive_int
+from effllm.common.errors import EXIT_INTERRUPTED, EffllmError, first_line, run_cli
 
 DEFAULT_PROMPT = "The return statement"
 EXIT_RUNTIME_FAILED = 1
@@ -340,7 +340,7 @@ def default_out(model: Path) -> Path:
 
 
 def _check_writable(out: Path) -> None:
-    from effllm.fileio import unwritable_reason
+    from effllm.common.fileio import unwritable_reason
 
     reason = unwritable_reason(out, "effllm-bench")
     if reason:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from effllm.errors import EffllmError
+from effllm.common.errors import EffllmError
 
 
 class SamplingError(EffllmError):

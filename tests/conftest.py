@@ -70,13 +70,13 @@ def tiny_model(seed: int = 0, **overrides) -> EfficientLLMForCausalLM:
 
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
-    from effllm.corpus import python_docs_corpus
+    from effllm.data.corpus import python_docs_corpus
 
     return python_docs_corpus(include_stdlib=False)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(corpus):
-    from effllm.tokenizer import train_ascii_bpe
+    from effllm.model.tokenizer import train_ascii_bpe
 
     return train_ascii_bpe(corpus, vocab_size=512)

@@ -69,7 +69,7 @@ def heldout_text() -> str:
     """Standard-library docstrings: text the trained model never saw (it trains on the pydoc topics)."""
     import warnings
 
-    from effllm.corpus import python_docs_corpus
+    from effllm.data.corpus import python_docs_corpus
 
     topics = len(python_docs_corpus(include_stdlib=False))
     with warnings.catch_warnings():
@@ -102,7 +102,7 @@ def trained_model_dir(tokenizer, corpus: list[str]) -> Path:
 
 
 def write_train_heldout(run: Path, ids: list[int], vocab_size: int) -> None:
-    """run/data/heldout.bin + meta.json in effllm-train's layout (flat uint16 ids; see effllm/data.py)."""
+    """run/data/heldout.bin + meta.json in effllm-train's layout (flat uint16 ids; see effllm/data/prepare.py)."""
     (run / "data").mkdir(parents=True, exist_ok=True)
     np.asarray(ids, dtype=np.uint16).tofile(run / "data" / "heldout.bin")
     meta = {"dtype": "uint16", "heldout_tokens": len(ids), "vocab_size": vocab_size}

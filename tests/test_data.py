@@ -1,4 +1,4 @@
-"""Preparing the training data (effllm.data): sources -> held-out split -> token shards, reused, resumed,
+"""Preparing the training data (effllm.data.prepare): sources -> held-out split -> token shards, reused, resumed,
 in parallel. Reading them back into batches: test_token_batches.py."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from effllm.data import DataError, prepare_tokens
+from effllm.data.prepare import DataError, prepare_tokens
 
 DOCS = [
     f"Document {i}: the quick brown fox {'jumps ' * (i % 5)}over the lazy dog.\nLine two of doc {i}." for i in range(12)
@@ -188,7 +188,7 @@ def test_hugging_face_dataset_paths(tmp_path, tokenizer):
 
 
 def test_long_documents_are_encoded_in_pieces(tmp_path, tokenizer, monkeypatch):
-    import effllm.data_sources as sources
+    import effllm.data.sources as sources
 
     monkeypatch.setattr(sources, "PIECE_CHARS", 100)  # so that small files take the large-file path
     long_text = "".join(f"line {i} of a long file, with words\n" for i in range(40)) + "no newline at the end " * 9
@@ -267,7 +267,7 @@ def test_pre_tokenized_input(tmp_path, tokenizer):
     for where in (tmp_path / "t", from_text.train_paths[0].parent):
         again = prepare_tokens(str(where), tokenizer, tmp_path / "unused", show_progress=False)
         assert again.reused and again.train_paths == from_text.train_paths and not (tmp_path / "unused").exists()
-    from effllm.tokenizer import train_ascii_bpe
+    from effllm.model.tokenizer import train_ascii_bpe
 
     other = train_ascii_bpe(docs, vocab_size=300)
     with pytest.raises(DataError, match="another tokenizer"):
@@ -282,7 +282,7 @@ def test_pre_tokenized_input(tmp_path, tokenizer):
 MEMORY_PEAKS = """
 import json, sys, tracemalloc
 from transformers import PreTrainedTokenizerFast
-from effllm.data import prepare_tokens
+from effllm.data.prepare import prepare_tokens
 tok = PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
 peaks = []
 for path in sys.argv[2:]:
@@ -318,7 +318,7 @@ def test_memory_stays_flat_for_a_larger_corpus(tmp_path, tokenizer):
 KILLED_PREP = """
 import sys
 from transformers import PreTrainedTokenizerFast
-from effllm.data import prepare_tokens
+from effllm.data.prepare import prepare_tokens
 tok = PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
 prepare_tokens(sys.argv[2], tok, sys.argv[3], 0.1, shard_chars=20_000, show_progress=False)
 """
@@ -362,7 +362,7 @@ def test_waiting_reader_gets_the_data_once_it_is_written(tmp_path, tokenizer, mo
     """DDP ranks other than 0 wait for the files (wait=True), and never tokenize themselves."""
     import threading
 
-    import effllm.data as data
+    import effllm.data.prepare as data
 
     monkeypatch.setattr(data, "WAIT_POLL_S", 0.02)
     write_mixed_dir(tmp_path / "src")

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from conftest import IRREGULAR, tiny_model
 
-from effllm.evaluate import main, sliding_window_nll
+from effllm.evaluation.cli import main
+from effllm.evaluation.perplexity import sliding_window_nll
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_cli_offline_tasks_is_one_line_in_a_fresh_process(model_dir, tmp_path, c
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     args = [str(model_dir), "--data", str(text), "--window", "64", "--stride", "32", "--max-tokens", "200",
             "--tasks", "paper", "--limit", "1", "--out", str(tmp_path / "report"), "--quiet"]  # fmt: skip
-    run = subprocess.run([sys.executable, "-m", "effllm.evaluate", *args], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "effllm.evaluation.cli", *args], capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, env=env, timeout=300)  # fmt: skip
     assert run.returncode == 2, run.stderr[-3000:]
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
@@ -133,7 +134,7 @@ def test_cli_offline_tasks_is_one_line_in_a_fresh_process(model_dir, tmp_path, c
 
 
 def test_usage_error_is_one_line_and_exit_2(capsys):
-    """argparse's own errors in the style of every effllm command (effllm.cli_args.CliParser)."""
+    """argparse's own errors in the style of every effllm command (effllm.common.cli_args.CliParser)."""
     with pytest.raises(SystemExit) as exit_:
         main(["--window", "wide"])
     assert exit_.value.code == 2

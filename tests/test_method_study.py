@@ -47,8 +47,8 @@ def test_grid_holds_the_core_cells_and_the_cells_around_them():
 def test_gpu_preset_sizes_fit_its_promise():
     """The GPU study has not run on a GPU yet; what can be checked here: a 30-60M source whose embedding
     is at most 10%, and the same grid as the CPU study."""
-    from effllm.params import count_parameters
-    from effllm.tokenizer import train_ascii_bpe
+    from effllm.model.params import count_parameters
+    from effllm.model.tokenizer import train_ascii_bpe
 
     preset = grid.PRESETS["gpu"]
     tokenizer = train_ascii_bpe(["a tiny corpus " * 50], vocab_size=300)

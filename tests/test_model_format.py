@@ -20,8 +20,8 @@ from transformers import (
 )
 
 from effllm import EfficientLLMConfig, EfficientLLMConfigError, EfficientLLMForCausalLM, convert
-from effllm.errors import EffllmError
-from effllm.params import architecture_summary, count_module_parameters, count_parameters
+from effllm.common.errors import EffllmError
+from effllm.model.params import architecture_summary, count_module_parameters, count_parameters
 
 COMMON = dict(
     vocab_size=384,
@@ -162,7 +162,7 @@ MODEL_TYPE_WARNING = "to instantiate a model of type"  # transformers' fallback 
 
 
 def _small_tokenizer():
-    from effllm.tokenizer import train_ascii_bpe
+    from effllm.model.tokenizer import train_ascii_bpe
 
     return train_ascii_bpe(["def f(x):\n    return x + 1\n", "The return statement leaves a function."] * 20, 300)
 
@@ -240,9 +240,9 @@ import effllm
 assert list(sys.meta_path) == hooks, "import effllm changed sys.meta_path"
 assert levels == [logging.getLogger(name).level for name in effllm.NOISY_LOGGERS], "import effllm changed logging"
 assert not {"torch", "transformers"} & set(sys.modules), "import effllm imported torch or transformers"
-import effllm.configuration_effllm
+import effllm.model.configuration_effllm
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-assert "effllm.modeling_effllm" not in sys.modules, "the config module imports the model module"
+assert "effllm.model.modeling_effllm" not in sys.modules, "the config module imports the model module"
 assert "effllm" not in CONFIG_MAPPING, "registered before the model classes were imported"
 """
 
@@ -266,7 +266,7 @@ def test_importing_the_model_classes_registers_them(tmp_path, order):
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.strip() == f"effllm.modeling_effllm {tokenizer('return x')['input_ids']}"
+    assert run.stdout.strip() == f"effllm.model.modeling_effllm {tokenizer('return x')['input_ids']}"
     assert MODEL_TYPE_WARNING not in run.stderr, run.stderr[-3000:]
 
 

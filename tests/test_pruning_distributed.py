@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_model
 
-from effllm.params import count_parameters
+from effllm.model.params import count_parameters
 from effllm.pruning import Pruner, PruningConfig
 
 GQA = dict(num_attention_heads=[4, 6, 8, 3], num_key_value_heads=[4, 2, 2, 1], intermediate_size=[40, 24, 0, 33])

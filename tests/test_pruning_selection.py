@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import IRREGULAR, tiny_config, tiny_model
 
-from effllm.params import count_module_parameters, count_parameters
+from effllm.model.params import count_module_parameters, count_parameters
 from effllm.pruning import (
     GroupType,
     ModelShapes,

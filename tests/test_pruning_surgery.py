@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 
 from effllm import EfficientLLMForCausalLM
-from effllm.params import count_module_parameters, count_parameters
+from effllm.model.params import count_module_parameters, count_parameters
 from effllm.pruning import GroupType, Pruner, PruningConfig
 
 # Different GQA ratio in every layer (G = 1, 3, 4, 3) and a layer without FFN.

@@ -7,7 +7,13 @@ import re
 import pytest
 from conftest import IRREGULAR, tiny_config
 
-from effllm.report import architecture_figure, count_label, loss_figure, params_by_type_figure, plot_architecture
+from effllm.training.report import (
+    architecture_figure,
+    count_label,
+    loss_figure,
+    params_by_type_figure,
+    plot_architecture,
+)
 
 pytest.importorskip("matplotlib")
 

@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from effllm.cli import parser
-from effllm.known_sources import known_config, known_names, lookup
-from effllm.params import count_parameters
-from effllm.plan import activation_bytes_per_token_layer, format_plan, make_plan, memory
-from effllm.recipe import RecipeError, TrainConfig, build_config, load_recipe, recipe_names
+from effllm.model.known_sources import known_config, known_names, lookup
+from effllm.model.params import count_parameters
+from effllm.training.dry_run import activation_bytes_per_token_layer, format_plan, make_plan, memory
+from effllm.training.recipe import RecipeError, TrainConfig, build_config, load_recipe, recipe_names
 
 
 @pytest.mark.parametrize("name", recipe_names())
@@ -23,7 +23,7 @@ def test_every_shipped_recipe_loads_into_a_train_config(name):
     assert isinstance(cfg, TrainConfig)
     assert cfg.tokens > 0 and cfg.seq_len > 0 and cfg.batch_size > 0
     if cfg.target_params is not None:
-        from effllm.params import parse_count
+        from effllm.model.params import parse_count
 
         value = float(cfg.target_params) if cfg.target_params.replace(".", "").isdigit() else None
         assert (0 < value < 1) if value is not None else parse_count(cfg.target_params) > 0

@@ -1,4 +1,4 @@
-"""Reading token shards (effllm.token_batches): windows, epochs, resume, DDP ranks, held-out batches,
+"""Reading token shards (effllm.data.token_batches): windows, epochs, resume, DDP ranks, held-out batches,
 the unigram baseline, and independence from how the stream is sharded."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from effllm.data import DataError, prepare_tokens
-from effllm.token_batches import TokenBatches, evaluate_batches, unigram_perplexity
+from effllm.data.prepare import DataError, prepare_tokens
+from effllm.data.token_batches import TokenBatches, evaluate_batches, unigram_perplexity
 
 
 def synthetic(tmp_path, n_tokens, name="tokens.bin"):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from effllm.params import count_parameters
+from effllm.model.params import count_parameters
 
 TINY_TRAIN = ["--seq-len", "32", "--batch-size", "4", "--eval-windows", "4", "--eval-every", "5", "--log-every", "2",
               "--warmup-steps", "2", "--quiet"]  # fmt: skip
@@ -261,9 +261,9 @@ def test_every_pruning_knob_reaches_the_pruning_config_and_bad_values_are_train_
     from dataclasses import fields
 
     from effllm.pruning import PruningConfig
-    from effllm.recipe import TrainConfig
-    from effllm.train import TrainError
-    from effllm.train_plan import pruning_config
+    from effllm.training.plan import pruning_config
+    from effllm.training.recipe import TrainConfig
+    from effllm.training.train import TrainError
 
     knobs = dict(granularity=8, ema_beta=0.9, min_heads_per_layer=2, min_ffn_per_layer=16, min_hidden_size=64,
                  weight_update="obs", obs_damping=0.05, fisher="group", stem_price=0.5)  # fmt: skip
@@ -292,7 +292,7 @@ def test_bad_pruning_knob_stops_the_quickstart_before_anything_is_written(tmp_pa
     ],
 )
 def test_usage_error_is_one_line_and_exit_2(argv, message, capsys):
-    """argparse's own errors in the style of every effllm command (effllm.cli_args.CliParser)."""
+    """argparse's own errors in the style of every effllm command (effllm.common.cli_args.CliParser)."""
     from effllm.cli import train_main
 
     with pytest.raises(SystemExit) as exit_:

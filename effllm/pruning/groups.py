@@ -14,7 +14,7 @@ Three types, for any EfficientLLM model (irregular shapes, GQA ratios per layer,
 The last attention group of a layer takes the layer's input_layernorm with it, and the last FFN
 channel its post_attention_layernorm (and the down_proj bias): those blocks become ``None``.
 Sizes here are computed from shapes alone, and ``ModelShapes.total()`` equals
-``effllm.params.count_parameters(config).total`` (a test checks it), so selection can price a
+``effllm.model.params.count_parameters(config).total`` (a test checks it), so selection can price a
 whole plan before any tensor is sliced.
 """
 
@@ -24,7 +24,7 @@ import copy
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ..params import count_shapes
+from ..model.params import count_shapes
 
 
 class GroupType(str, Enum):
@@ -81,7 +81,7 @@ class ModelShapes:
 
     # ---- counts ---------------------------------------------------------------------------------
     def total(self) -> int:
-        """Parameters of these shapes: effllm.params' formulas, the same ones every stage counts with."""
+        """Parameters of these shapes: effllm.model.params' formulas, the same ones every stage counts with."""
         return count_shapes(
             self.hidden, self.vocab, self.tied, self.head_dim, self.layer_shapes(), self.attention_bias, self.mlp_bias
         ).total

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch.distributed as dist
 
-from ..params import count_parameters
+from ..model.params import count_parameters
 from .config import PruningConfig
 from .groups import Group, GroupType, IndexMaps, ModelShapes, enumerate_groups, floor_shapes
 from .obs import obs_update

@@ -15,10 +15,10 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from . import distributed as D
-from .fileio import write_atomic, write_json_atomic
-from .recipe import TrainConfig
-from .train_plan import Plan, TrainError
+from effllm.common.fileio import write_atomic, write_json_atomic
+from effllm.training import distributed as D
+from effllm.training.plan import Plan, TrainError
+from effllm.training.recipe import TrainConfig
 
 RUN_MARKER = "run.json"
 # Settings that do not change what a run computes (bookkeeping, and how the data is tokenized):
@@ -78,11 +78,11 @@ class JsonlLog:
 
 
 def prepare_data(cfg: TrainConfig, out: Path, info: D.DistInfo, tokenizer, plan: Plan):
-    """Tokenized train/held-out files in <out>/data (effllm.data.TokenData), and run.json.
+    """Tokenized train/held-out files in <out>/data (effllm.data.prepare.TokenData), and run.json.
 
     Rank 0 tokenizes; the others wait and read the same files. run.json is written first, so that
     a run killed while it tokenizes continues with --resume; bad data removes it again."""
-    from .data import DataError, prepare_tokens
+    from effllm.data.prepare import DataError, prepare_tokens
 
     data_dir = out / "data"
     marker = out / RUN_MARKER

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .params import architecture_summary, format_count
+from effllm.model.params import architecture_summary, format_count
 
 
 def _plt():

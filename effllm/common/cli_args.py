@@ -1,7 +1,7 @@
 """What every effllm command line shares: one usage-error style, and whole-number argument types.
 
 A usage error is one line on stderr, ``PROG: error: MESSAGE; see PROG --help``, and exit code 2: the
-same shape as the bad-input errors effllm.errors.run_cli reports. Every command (effllm-train,
+same shape as the bad-input errors effllm.common.errors.run_cli reports. Every command (effllm-train,
 effllm-eval, effllm-export, effllm-generate, effllm-bench) builds its parser on :class:`CliParser`; it
 lives in the core so that runtime and export can import it (imports run core <- runtime <- export).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from effllm.errors import EXIT_BAD_INPUT
+from effllm.common.errors import EXIT_BAD_INPUT
 
 
 class CliParser(argparse.ArgumentParser):

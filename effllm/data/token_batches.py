@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data_sources import DataError
+from effllm.data.sources import DataError
 
 __all__ = ["TokenShards", "TokenBatches", "evaluate_batches", "unigram_perplexity"]
 

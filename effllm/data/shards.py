@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data_sources import DataError
+from effllm.data.sources import DataError
 
 BATCH_CHARS = 1 << 20  # characters handed to the tokenizer per call
 BATCH_PIECES = 1024

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from .data_sources import Source, iter_pieces
+from effllm.data.sources import Source, iter_pieces
 
 
 def every_nth_document(sources: list[Source], text_field: str, split: str, every: int) -> Iterator[tuple]:

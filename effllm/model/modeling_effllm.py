@@ -342,7 +342,7 @@ __all__ = ["EfficientLLMForCausalLM", "EfficientLLMModel", "EfficientLLMPreTrain
 # directory that trust_remote_code loads. AutoConfig / AutoModelForCausalLM (and AutoTokenizer, which
 # reads config.json first) then know model_type "effllm" without trust_remote_code, and
 # save_pretrained copies configuration_effllm.py / modeling_effllm.py into the directory with an auto_map.
-if __name__ == "effllm.modeling_effllm":
+if __name__ == "effllm.model.modeling_effllm":
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoConfig.register(EfficientLLMConfig.model_type, EfficientLLMConfig, exist_ok=True)

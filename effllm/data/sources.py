@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EffllmError
+from effllm.common.errors import EffllmError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -302,7 +302,7 @@ def iter_pieces(source: Source, text_field: str = "text", split: str = "train") 
         yield from _text_file(source.name)
         return
     if source.kind == "corpus":
-        from effllm.corpus import python_docs_corpus
+        from effllm.data.corpus import python_docs_corpus
 
         texts = python_docs_corpus()
     elif source.kind == "jsonl":
@@ -331,7 +331,7 @@ def fingerprint(sources: list[Source], text_field: str, split: str) -> str:
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
             h.update(text_field.encode() if source.kind != "text" else b"")
         elif source.kind == "corpus":
-            from effllm.corpus import python_docs_corpus
+            from effllm.data.corpus import python_docs_corpus
 
             for doc in python_docs_corpus():
                 h.update(doc.encode("utf-8", "replace") + b"\0")

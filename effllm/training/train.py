@@ -9,8 +9,8 @@ GPU or under torchrun (DDP); every rank computes the same saliency from all-redu
 so makes the same decisions. Checkpoints make a resumed run bitwise equal to an uninterrupted one
 (on CPU).
 
-``train(cfg)`` runs the stages in order: the plan (effllm.train_plan), the data and run.json
-(effllm.run_files), the state, fresh or resumed (effllm.run_state), the loop (``train_step``,
+``train(cfg)`` runs the stages in order: the plan (effllm.training.plan), the data and run.json
+(effllm.training.run_files), the state, fresh or resumed (effllm.training.run_state), the loop (``train_step``,
 ``prune_step``, ``evaluate`` here) and ``finish`` (the model, results.json and the report).
 """
 
@@ -28,16 +28,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import distributed as D
-from .configuration_effllm import EfficientLLMConfig
-from .fileio import staged_dir, write_json_atomic
-from .params import architecture_summary, count_parameters, format_count
-from .recipe import TrainConfig
-from .run_files import RUN_MARKER, VOLATILE, JsonlLog, check_out_dir, prepare_data, run_fingerprint
-from .run_state import RunState, build_optimizer, build_state, load_model_and_tokenizer, load_start
-from .train_plan import Plan, TrainError, plan_run, pruning_config, pruning_end, resolve_target
+from effllm.common.fileio import staged_dir, write_json_atomic
+from effllm.model.configuration_effllm import EfficientLLMConfig
+from effllm.model.params import architecture_summary, count_parameters, format_count
+from effllm.training import distributed as D
+from effllm.training.plan import Plan, TrainError, plan_run, pruning_config, pruning_end, resolve_target
+from effllm.training.recipe import TrainConfig
+from effllm.training.run_files import RUN_MARKER, VOLATILE, JsonlLog, check_out_dir, prepare_data, run_fingerprint
+from effllm.training.run_state import RunState, build_optimizer, build_state, load_model_and_tokenizer, load_start
 
-# Names other modules import from effllm.train (some now defined in the modules above).
+# Names other modules import from effllm.training.train (some now defined in the modules above).
 __all__ = [
     "RUN_MARKER",
     "VOLATILE",
@@ -80,7 +80,7 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def heldout_loss(model, heldout_path, dtype, seq_len: int, max_windows: int, device, autocast) -> float:
     """Mean next-token loss on the first ``max_windows`` held-out windows (deterministic)."""
-    from .token_batches import evaluate_batches
+    from effllm.data.token_batches import evaluate_batches
 
     was_training = model.training
     model.eval()
@@ -263,7 +263,7 @@ def run_loop(state: RunState) -> int:
 # ---- the result -----------------------------------------------------------------------------------
 def finish(state: RunState) -> dict:
     """The last checkpoint, the final model in <out>/model, results.json and the report (rank 0)."""
-    from .token_batches import unigram_perplexity
+    from effllm.data.token_batches import unigram_perplexity
 
     cfg, plan, info, model, ledger, data = state.cfg, state.plan, state.info, state.model, state.ledger, state.data
     state.save()
@@ -298,7 +298,7 @@ def finish(state: RunState) -> dict:
             "model_dir": str(model_dir),
         }
         write_json_atomic(state.out / "results.json", result)
-        from .report import write_report
+        from effllm.training.report import write_report
 
         write_report(state.out, result, state.metrics.read(), state.evals.read(), state.prune_log.read(), model.config)
         print("\n" + architecture_summary(model.config))

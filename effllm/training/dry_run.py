@@ -1,7 +1,7 @@
 """The plan of a training run, before it starts: shapes, steps, the budget, memory per device, time.
 
 ``effllm-train ... --dry-run`` prints ``format_plan(make_plan(cfg, ...))``. It reads configs only
-(no weights, no data): the source's shapes come from effllm.known_sources for well-known
+(no weights, no data): the source's shapes come from effllm.model.known_sources for well-known
 checkpoints (offline), from config.json for a local directory, from the quickstart settings for
 the embedded source, or from the hub (network) for any other id.
 
@@ -46,8 +46,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .params import count_parameters, format_count, parse_count
-from .recipe import QUICKSTART_SOURCE, RecipeError, TrainConfig
+from effllm.model.params import count_parameters, format_count, parse_count
+from effllm.training.recipe import QUICKSTART_SOURCE, RecipeError, TrainConfig
 
 GIB = 1 << 30
 
@@ -96,8 +96,8 @@ class RunPlan:
 
 def source_config(cfg: TrainConfig):
     """(EfficientLLMConfig of the source, where its shapes came from); reads no weights."""
-    from .configuration_effllm import EfficientLLMConfig
-    from .known_sources import known_config, lookup
+    from effllm.model.configuration_effllm import EfficientLLMConfig
+    from effllm.model.known_sources import known_config, lookup
 
     if cfg.init_config:
         path = Path(cfg.init_config)
@@ -116,7 +116,7 @@ def source_config(cfg: TrainConfig):
         config = known_config(cfg.source)
         if config is not None:
             return config, f"effllm's table of known sources ({lookup(cfg.source)})"
-    from .convert import effllm_config_from_source, load_source_config
+    from effllm.model.convert import effllm_config_from_source, load_source_config
 
     config = effllm_config_from_source(load_source_config(cfg.source))  # local config.json, or the hub
     return config, "its config.json"
@@ -174,8 +174,8 @@ def measure(config, cfg: TrainConfig, steps: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from .modeling_effllm import EfficientLLMForCausalLM
-    from .train import build_optimizer
+    from effllm.model.modeling_effllm import EfficientLLMForCausalLM
+    from effllm.training.train import build_optimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
@@ -214,8 +214,8 @@ def measure(config, cfg: TrainConfig, steps: int) -> dict:
 def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None = None, gpu_tflops: float = 989.0,
               mfu: float = 0.35, gpu_memory_gib: float = 80.0, measure_steps: int = 0) -> RunPlan:  # fmt: skip
     """Everything ``--dry-run`` prints; raises RecipeError (or the source's error) on bad input."""
-    from .pruning import ParameterBudget
-    from .train import pruning_end, resolve_target
+    from effllm.pruning import ParameterBudget
+    from effllm.training.train import pruning_end, resolve_target
 
     config, where = source_config(cfg)
     count = count_parameters(config)

@@ -34,7 +34,7 @@ def run_cli(prog: str, main: Callable[[], int | None]) -> int:
 
     Library log noise (torchao's CUDA kernels, torch's pytree) is quieted first: here, at a command's
     entry, never on ``import effllm``."""
-    from . import quiet_library_logs
+    from effllm import quiet_library_logs
 
     quiet_library_logs()
     try:

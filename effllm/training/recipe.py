@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import EffllmError
+from effllm.common.errors import EffllmError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 QUICKSTART_SOURCE = "builtin:quickstart"  # "pretrain a small source on the embedded corpus first"
@@ -164,7 +164,7 @@ def load_recipe(name_or_path: str) -> dict:
 
 
 def _parse_count(text: str) -> int:
-    from .params import parse_count
+    from effllm.model.params import parse_count
 
     try:
         return parse_count(text)

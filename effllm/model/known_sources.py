@@ -43,7 +43,7 @@ def known_config(name: str):
     key = lookup(name)
     if key is None:
         return None
-    from .configuration_effllm import EfficientLLMConfig
+    from effllm.model.configuration_effllm import EfficientLLMConfig
 
     vocab, hidden, layers, heads, kv, head_dim, ffn, tied, bias, positions = _SHAPES[key]
     return EfficientLLMConfig(

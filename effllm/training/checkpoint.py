@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import EffllmError
-from .fileio import staged_dir, write_json_atomic
+from effllm.common.errors import EffllmError
+from effllm.common.fileio import staged_dir, write_json_atomic
 
 
 class CheckpointError(EffllmError):

@@ -10,9 +10,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from . import distributed as D
-from .configuration_effllm import EfficientLLMConfig
-from .recipe import TrainConfig
+from effllm.model.configuration_effllm import EfficientLLMConfig
+from effllm.training import distributed as D
+from effllm.training.recipe import TrainConfig
 
 
 def source_settings(cfg: TrainConfig) -> dict:
@@ -23,7 +23,7 @@ def source_settings(cfg: TrainConfig) -> dict:
 
 def tokenizer_texts(cfg: TrainConfig, max_chars: int = 20_000_000):
     """Text to train the quickstart tokenizer on: the run's data (the embedded corpus by default), first ~20 MB."""
-    from .data_sources import iter_pieces, resolve_sources
+    from effllm.data.sources import iter_pieces, resolve_sources
 
     seen = 0
     for source in resolve_sources(cfg.data, text_field=cfg.text_field):
@@ -36,9 +36,9 @@ def tokenizer_texts(cfg: TrainConfig, max_chars: int = 20_000_000):
 
 def build_quickstart_source(cfg: TrainConfig) -> Path:
     """Train (or reuse) the quickstart source; returns its model directory."""
-    from .data_sources import DataError
-    from .tokenizer import train_ascii_bpe
-    from .train import TrainError, train
+    from effllm.data.sources import DataError
+    from effllm.model.tokenizer import train_ascii_bpe
+    from effllm.training.train import TrainError, train
 
     info = D.init_distributed()
     src_out = Path(cfg.out) / "source"

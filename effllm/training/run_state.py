@@ -16,14 +16,20 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as D
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from .configuration_effllm import EfficientLLMConfig
-from .convert import UnsupportedSourceError, from_pretrained
-from .modeling_effllm import EfficientLLMForCausalLM
-from .recipe import TrainConfig
-from .run_files import JsonlLog
-from .train_plan import Plan, TrainError
+from effllm.model.configuration_effllm import EfficientLLMConfig
+from effllm.model.convert import UnsupportedSourceError, from_pretrained
+from effllm.model.modeling_effllm import EfficientLLMForCausalLM
+from effllm.training import distributed as D
+from effllm.training.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from effllm.training.plan import Plan, TrainError
+from effllm.training.recipe import TrainConfig
+from effllm.training.run_files import JsonlLog
 
 
 # ---- the starting point -------------------------------------------------------------------------
@@ -112,13 +118,13 @@ class RunState:
     info: D.DistInfo
     out: Path
     plan: Plan
-    data: object  # effllm.data.TokenData: train/held-out token files
+    data: object  # effllm.data.prepare.TokenData: train/held-out token files
     model: EfficientLLMForCausalLM
     tokenizer: object
     optimizer: torch.optim.AdamW
     pruner: object | None  # effllm.pruning.Pruner; None without a target
     budget: object | None  # effllm.pruning.ParameterBudget; None without a target
-    stream: object  # effllm.token_batches.TokenBatches, this rank's share of the batches
+    stream: object  # effllm.data.token_batches.TokenBatches, this rank's share of the batches
     metrics: JsonlLog
     prune_log: JsonlLog
     evals: JsonlLog
@@ -184,8 +190,8 @@ class RunState:
 def build_state(cfg: TrainConfig, info: D.DistInfo, out: Path, start: Start, plan: Plan, pruning_cfg, data) -> RunState:
     """The model on its device with optimizer, pruner, budget, stream and logs; on --resume their
     saved states, the RNG states and the logs cut back to the checkpoint's step; then the net."""
-    from .pruning import ParameterBudget, Pruner
-    from .token_batches import TokenBatches
+    from effllm.data.token_batches import TokenBatches
+    from effllm.pruning import ParameterBudget, Pruner
 
     model, device = start.model, info.device
     model.to(device)

@@ -2,7 +2,7 @@
 
 This file is copied into every saved model directory (see ``auto_map``), so it must depend on
 nothing but transformers: a machine without effllm loads the model with trust_remote_code. (Where
-effllm is installed, EfficientLLMConfigError is an ``effllm.errors.EffllmError``; elsewhere a
+effllm is installed, EfficientLLMConfigError is an ``effllm.common.errors.EffllmError``; elsewhere a
 ValueError.) It registers nothing: the Auto-class registration is at the end of modeling_effllm.py.
 
 Per-layer shapes follow transformers 5's heterogeneous-config convention: the global
@@ -19,7 +19,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 try:
-    from effllm.errors import EffllmError
+    from effllm.common.errors import EffllmError
 except ImportError:  # the copy in a model directory, loaded with trust_remote_code where effllm is absent
     EffllmError = ValueError  # transformers skips imports inside try blocks when it checks a copy's requirements
 

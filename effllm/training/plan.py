@@ -2,7 +2,7 @@
 
 ``plan_run`` resolves --target-params against the source, sizes a step across all processes and
 places the pruning phase; a resumed run keeps the plan it started with. Everything here raises
-TrainError before anything is written. (effllm.plan is the --dry-run preview; it uses
+TrainError before anything is written. (effllm.training.dry_run is the --dry-run preview; it uses
 ``resolve_target`` and ``pruning_end`` from here.)
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import EffllmError
-from .params import count_parameters, format_count, parse_count
-from .recipe import TrainConfig
+from effllm.common.errors import EffllmError
+from effllm.model.params import count_parameters, format_count, parse_count
+from effllm.training.recipe import TrainConfig
 
 
 class TrainError(EffllmError):
@@ -74,7 +74,7 @@ def pruning_config(cfg: TrainConfig):
     """The run's PruningConfig; its own checks become TrainErrors."""
     from dataclasses import fields
 
-    from .pruning import PruningConfig
+    from effllm.pruning import PruningConfig
 
     # every pruning knob the training config has, by name: a new knob needs no copying code here
     knobs = {f.name: getattr(cfg, f.name) for f in fields(PruningConfig) if hasattr(cfg, f.name)}
@@ -87,7 +87,7 @@ def pruning_config(cfg: TrainConfig):
 def plan_run(cfg: TrainConfig, model, saved: Plan | None, pruning_cfg, world_size: int) -> Plan:
     """A new run's plan for ``model`` (the source); or ``saved``, the resumed run's own, checked
     against this invocation's tokens per step."""
-    from .pruning import Pruner
+    from effllm.pruning import Pruner
 
     world_tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world_size
     if saved is not None:

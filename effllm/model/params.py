@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .configuration_effllm import EfficientLLMConfig
+from effllm.model.configuration_effllm import EfficientLLMConfig
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from .configuration_effllm import EfficientLLMConfig
-from .errors import EffllmError, first_line
-from .modeling_effllm import EfficientLLMForCausalLM, EfficientLLMRotaryEmbedding
+from effllm.common.errors import EffllmError, first_line
+from effllm.model.configuration_effllm import EfficientLLMConfig
+from effllm.model.modeling_effllm import EfficientLLMForCausalLM, EfficientLLMRotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
