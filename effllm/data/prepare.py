@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from effllm.common.fileio import write_json_atomic
-from effllm.data.prepare import heldout as heldout_split
+from effllm.data import heldout as heldout_split
 from effllm.data.shards import Encoder, cut_into_chunks, encode_chunks, shard_names, tokenizer_spec
 from effllm.data.sources import DataError, Source, fingerprint, resolve_sources, tokenizer_fingerprint
 
