@@ -19,8 +19,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from effllm import EfficientLLMConfig, EfficientLLMConfigError, EfficientLLMForCausalLM, convert
+from effllm import EfficientLLMConfig, EfficientLLMConfigError, EfficientLLMForCausalLM
 from effllm.common.errors import EffllmError
+from effllm.model import convert
 from effllm.model.params import architecture_summary, count_module_parameters, count_parameters
 
 COMMON = dict(
