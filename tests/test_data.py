@@ -202,6 +202,29 @@ def test_long_documents_are_encoded_in_pieces(tmp_path, tokenizer, monkeypatch):
     assert (train, held) == ([long_text, "short"], [long_text.upper()])  # one eos per document, not per piece
 
 
+
+def test_few_long_documents_are_topped_up_to_the_asked_fraction_by_tokens(tmp_path, tokenizer, monkeypatch, capsys):
+    """8 long documents and 10% asked: no 10th document exists, so whole documents alone would hold out
+    nothing; the split takes pieces of the long documents instead, to the asked share of the text."""
+    import effllm.data.heldout as heldout
+    import effllm.data.sources as sources
+
+    monkeypatch.setattr(sources, "PIECE_CHARS", 100)
+    monkeypatch.setattr(heldout, "TOP_UP_SLACK", 200)
+    docs = ["".join(f"doc {d} line {i}: some words here\n" for i in range(100)) for d in range(8)]
+    write_jsonl(tmp_path / "long.jsonl", [{"text": d} for d in docs])
+    info = prepare_tokens(str(tmp_path / "long.jsonl"), tokenizer, tmp_path / "out", heldout_fraction=0.1,
+                          show_progress=False)  # fmt: skip
+    eos = tokenizer.eos_token_id
+    train = [decode(tokenizer, d) for d in split_docs(read_all(info.train_paths, np.uint16), eos)]
+    held = [decode(tokenizer, d) for d in split_docs(read_all(info.heldout_paths, np.uint16), eos)]
+    share = info.heldout_tokens / (info.train_tokens + info.heldout_tokens)
+    assert 0.08 <= share <= 0.13, share
+    assert sum(map(len, train + held)) == sum(map(len, docs)), "every character is in exactly one split"
+    assert all(any(h in d for d in docs) for h in held), "held-out parts are contiguous text of one document"
+    assert len(held) >= 2, "spread over the corpus, not one block"
+    assert "held-out split has only" in capsys.readouterr().out  # far below the tokens a perplexity needs
+
 # ---- data at scale: parallel, sharded, streamed, pre-tokenized, resumable -------------------------
 def many_docs(n, seed=0):
     rng = np.random.default_rng(seed)

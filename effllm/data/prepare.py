@@ -36,7 +36,9 @@ __all__ = ["DataError", "TokenData", "prepare_tokens"]
 
 FORMAT_VERSION = 2
 SHARD_CHARS = 16 << 20  # characters of text per chunk: ~4M tokens, one pair of shard files
-WAIT_POLL_S = 2.0  # how often a waiting rank looks for the data rank 0 prepares
+WAIT_POLL_S = 2.0
+# Below this many held-out tokens a perplexity's sampling error is several percent (a note says so).
+TRUSTED_HELDOUT_TOKENS = 16_384  # how often a waiting rank looks for the data rank 0 prepares
 
 
 @dataclass
@@ -198,7 +200,7 @@ def prepare_tokens(
         format=FORMAT_VERSION,
         sources=fingerprint(sources, text_field, split),
         tokenizer=tokenizer_fingerprint(tokenizer),
-        heldout=("end", heldout_fraction) if single else ("every", every),
+        heldout=("end", heldout_fraction) if single else ("every", every, "topped-up", heldout_fraction),
         max_tokens=max_tokens,
         dtype=dtype,
         shard_chars=shard_chars or SHARD_CHARS,  # chunking changes the shard files, not the token stream
@@ -221,7 +223,7 @@ def prepare_tokens(
     if single:
         pieces = heldout_split.end_of_file(sources[0].name, heldout_fraction, notes)
     else:
-        pieces = heldout_split.every_nth_document(sources, text_field, split, every)
+        pieces = heldout_split.every_nth_document(sources, text_field, split, every, heldout_fraction)
     encoder = Encoder(tokenizer_spec(tokenizer), eos, dtype, vocab_size)
     if resumed and show_progress:
         print(f"continuing the tokenization in {build} from its finished shards", flush=True)
@@ -285,6 +287,12 @@ def prepare_tokens(
         (build / shard_names(r["index"])[2]).unlink(missing_ok=True)
     for tmp in build.glob(".*.tmp-*"):  # half-written files of a killed attempt
         tmp.unlink(missing_ok=True)
+    if counts["heldout_tokens"] < TRUSTED_HELDOUT_TOKENS:
+        notes.append(
+            f"the held-out split has only {counts['heldout_tokens']:,} tokens: perplexities on it move by several "
+            f"percent between samples, so do not trust small differences; add text or raise the held-out fraction "
+            f"(at least {TRUSTED_HELDOUT_TOKENS:,} tokens)"
+        )
     for line in notes:
         print(line)
     if show_progress:
