@@ -1,4 +1,4 @@
-"""Import a Hugging Face Llama-family checkpoint (hub id or local directory) as an EfficientLLM.
+"""Import a Llama-family checkpoint (hub id, local directory or GGUF file) as an EfficientLLM.
 
 Supported: LlamaForCausalLM (SmolLM, SmolLM2, Llama 3.x), Qwen2ForCausalLM (q/k/v bias) and
 MistralForCausalLM. Parameter names are the same as Llama's, so the state dict moves over as is;
@@ -14,6 +14,7 @@ import torch
 
 from effllm.common.errors import EffllmError, first_line
 from effllm.model.configuration_effllm import EfficientLLMConfig
+from effllm.model.gguf_source import check_gguf_magic, gguf_location, is_gguf_file
 from effllm.model.modeling_effllm import EfficientLLMForCausalLM, EfficientLLMRotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -30,16 +31,29 @@ class UnsupportedSourceError(EffllmError):
     """The source is not a model effllm can import; the message names what is supported."""
 
 
+def source_location(source: str | os.PathLike) -> tuple[str, dict]:
+    """(what transformers' from_pretrained takes first, its extra keyword arguments) for a source: a
+    GGUF file is its directory plus ``gguf_file``; a directory or hub id is itself."""
+    if is_gguf_file(source):
+        problem = check_gguf_magic(source)
+        if problem:
+            raise UnsupportedSourceError(f"{problem}; give a GGUF model file, a model directory or a hub id")
+        directory, name = gguf_location(source)
+        return directory, {"gguf_file": name}
+    return str(source), {}
+
+
 def load_source_config(source: str | os.PathLike):
     """The source's transformers config, or a one-line error saying what is wrong with ``source``."""
     from transformers import AutoConfig
 
+    where, kwargs = source_location(source)
     try:
-        config = AutoConfig.from_pretrained(str(source), trust_remote_code=False)
-    except (OSError, ValueError) as err:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
         raise UnsupportedSourceError(
-            f"cannot read a model config from {str(source)!r} ({first_line(err)}); give a local model directory "
-            f"or a Hugging Face hub id of a {'/'.join(sorted(set(SUPPORTED_MODEL_TYPES.values())))} checkpoint"
+            f"cannot read a model config from {str(source)!r} ({first_line(err)}); give a local model directory, "
+            f"a GGUF file or a Hugging Face hub id of a {'/'.join(sorted(set(SUPPORTED_MODEL_TYPES.values())))} checkpoint"
         ) from None
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         arch = (getattr(config, "architectures", None) or [config.model_type])[0]
@@ -115,23 +129,24 @@ def from_source_model(source_model, dtype: torch.dtype | None = None) -> Efficie
 
 
 def from_pretrained(source: str | os.PathLike, dtype: torch.dtype | None = torch.float32, tokenizer: bool = True):
-    """Load ``source`` (hub id or directory) as an EfficientLLM; returns (model, tokenizer or None).
+    """Load ``source`` (hub id, directory or GGUF file) as an EfficientLLM; returns (model, tokenizer or None).
 
     An effllm model directory (for example a previous run's result) loads as it is.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src_config = load_source_config(source)
+    where, kwargs = source_location(source)
     if src_config.model_type == EfficientLLMConfig.model_type:
-        model = EfficientLLMForCausalLM.from_pretrained(str(source), dtype=dtype).eval()
+        model = EfficientLLMForCausalLM.from_pretrained(where, dtype=dtype).eval()
     else:
-        source_model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+        source_model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
         model = from_source_model(source_model, dtype=dtype)
         del source_model
     tok = None
     if tokenizer:
         try:
-            tok = AutoTokenizer.from_pretrained(str(source))
+            tok = AutoTokenizer.from_pretrained(where, **kwargs)
         except (OSError, ValueError) as err:
             logger.warning("no tokenizer found with %s (%s); continuing without one", source, err)
     return model, tok
