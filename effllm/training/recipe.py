@@ -28,7 +28,8 @@ class TrainConfig:
     # what to train
     source: str = _f(
         QUICKSTART_SOURCE,
-        "source checkpoint: a local model directory or Hugging Face hub id of a Llama/Qwen2/Mistral model; "
+        "source checkpoint: a local model directory, a GGUF file or a Hugging Face hub id of a Llama/Qwen2/Mistral "
+        "model; "
         f"'{QUICKSTART_SOURCE}' first pretrains a small source on the embedded corpus",
     )
     init_config: str | None = _f(
