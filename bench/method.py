@@ -217,21 +217,25 @@ def uniform_config_like(source, target_params: int):
     from effllm.model.params import count_parameters
 
     heads, kv, ffn = source.layer_shapes()[0]
-    best = None
-    for hidden in range(16, source.hidden_size + 1, 8):
-        scale = hidden / source.hidden_size
-        h = max(1, round(heads * scale))
-        k = max(1, min(h, round(kv * scale)))
-        while h % k:
-            k -= 1
-        for f in range(8, 2 * ffn + 1, 8):
-            cfg = EfficientLLMConfig(**{**source.to_dict(), "per_layer_config": None, "hidden_size": hidden,
-                                        "num_attention_heads": h, "num_key_value_heads": k, "intermediate_size": f})  # fmt: skip
-            gap = abs(count_parameters(cfg).total - target_params)
-            # closest size first, then the FFN ratio nearest the source's
-            rank = (gap > 0.01 * target_params, abs(f / hidden - ffn / source.hidden_size), gap)
-            if best is None or rank < best[0]:
-                best = (rank, cfg)
+    # FFN widths in steps of 8 (what a designer would pick); steps of 1 where a toy size needs them
+    for ffn_step in (8, 1):
+        best = None
+        for hidden in range(16, source.hidden_size + 1, 8):
+            scale = hidden / source.hidden_size
+            h = max(1, round(heads * scale))
+            k = max(1, min(h, round(kv * scale)))
+            while h % k:
+                k -= 1
+            for f in range(ffn_step, 2 * ffn + 1, ffn_step):
+                cfg = EfficientLLMConfig(**{**source.to_dict(), "per_layer_config": None, "hidden_size": hidden,
+                                            "num_attention_heads": h, "num_key_value_heads": k, "intermediate_size": f})  # fmt: skip
+                gap = abs(count_parameters(cfg).total - target_params)
+                # closest size first, then the FFN ratio nearest the source's
+                rank = (gap > 0.01 * target_params, abs(f / hidden - ffn / source.hidden_size), gap)
+                if best is None or rank < best[0]:
+                    best = (rank, cfg)
+        if not best[0][0]:
+            break
     return best[1]
 
 
