@@ -22,12 +22,13 @@ kernels: the executorch-android AAR and runners built with EXECUTORCH_BUILD_KERN
 in Python ``effllm.runtime.native.load_llm_kernels()`` registers them (the exporter and effllm's
 ExecuTorch backends call it).
 
-8da4w: int8 dynamic activations, int4 weights in groups of ``group_size`` input channels. A linear
-whose input width is not a multiple of the group size (pruning leaves widths like 17) falls back to
-per-channel weights. Those are int8, not int4: XNNPACK in executorch 1.5.1 delegates int4 only as
-groups whose size is a multiple of 32 (a per-channel int4 weight reaches it as one group of
+8da4w: int8 dynamic activations (per token), int4 weights in groups of ``group_size`` input channels,
+with codes from weight_quant.py's calibrated search. A linear whose input width is not a multiple of
+the group size (pruning leaves widths like 17) falls back to per-channel weights, and so does the output
+projection (lm_head) on purpose. Those are int8, not int4: XNNPACK in executorch 1.5.1 delegates int4
+only as groups whose size is a multiple of 32 (a per-channel int4 weight reaches it as one group of
 in_features and is refused), while int8 per-channel weights (qc8w) run there on every width.
-The token embedding is int4 too (ExecuTorch's quantized_decomposed::embedding_4bit, which the
+The token embedding is int8 per row (ExecuTorch's quantized_decomposed::embedding_byte, which the
 Android AAR and the Python runtime ship): without it the fp32 table was most of the file.
 """
 
@@ -109,60 +110,73 @@ def runner_metadata(config, max_seq_len: int) -> dict:
     }
 
 
-def quantize_8da4w_(module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, str]:
+def quantize_8da4w_(
+    module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, importance: dict[str, torch.Tensor] | None = None
+) -> dict[str, str]:
     """Quantize every nn.Linear in place (8da4w); returns {linear name: "int4 group G" or "int8 per-channel"}.
 
-    Per-channel where in_features % group_size != 0: the int4 group kernels need whole groups.
+    Per-channel int8 where in_features % group_size != 0 (the int4 group kernels need whole groups), and
+    for the output projection (lm_head): on SmolLM2-135M it alone cost +11% perplexity at 4 bits, +0.2% at
+    8. The int4 codes and scales are weight_quant.py's weighted-error search (symmetric, as XNNPACK's
+    4-bit groups have no zero point, with scales rounded to bfloat16 as XNNPACK stores them), calibrated
+    by ``importance`` ({linear name: mean squared input per channel}) where given.
     """
     from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig
 
-    def config(weight_dtype, granularity):
-        return Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=weight_dtype, weight_granularity=granularity, intx_choose_qparams_algorithm="hqq_scale_only"
-        )
+    from .weight_quant import quantize_blocks
 
+    def config(weight_dtype, granularity):
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=weight_dtype, weight_granularity=granularity)
+
+    output = module.get_output_embeddings()
     plan = {
-        name: ("grouped" if m.in_features % group_size == 0 else "per-channel")
+        name: ("grouped" if m.in_features % group_size == 0 and m is not output else "per-channel")
         for name, m in module.named_modules()
         if isinstance(m, nn.Linear)
     }
     grouped = {n for n, kind in plan.items() if kind == "grouped"}
     per_channel = {n for n, kind in plan.items() if kind == "per-channel"}
+    searched = {}
+    for name in grouped:  # from the fp32 weights, before quantize_ replaces them
+        weight = module.get_submodule(name).weight
+        searched[name] = quantize_blocks(weight, 4, group_size, True, (importance or {}).get(name), torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if grouped:
             quantize_(module, config(torch.int4, PerGroup(group_size)), filter_fn=lambda m, fqn: fqn in grouped)
         if per_channel:
             quantize_(module, config(torch.int8, PerAxis(0)), filter_fn=lambda m, fqn: fqn in per_channel)
+    for name, quant in searched.items():
+        weight = module.get_submodule(name).weight  # torchao's IntxUnpackedToInt8Tensor: codes -8..7, scales
+        weight.qdata.copy_(quant.codes.reshape(weight.qdata.shape))
+        weight.scale.copy_(quant.scales.reshape(weight.scale.shape))
     return {n: (f"int4 group {group_size}" if kind == "grouped" else "int8 per-channel") for n, kind in plan.items()}
 
 
-def quantize_embedding_(module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> str:
-    """Quantize the token embedding in place: int4 in groups of ``group_size`` along the hidden size.
+def quantize_embedding_(module: nn.Module) -> str:
+    """Quantize the token embedding in place: int8 with a scale per row (one token's vector).
 
-    Left in fp32, the table the lookup reads is the largest tensor of a small model (a tied one
-    also keeps the lm_head's packed copy inside XNNPACK): 8da4w's file and memory would be mostly
-    fp32 embedding. The lookup reads one row per token, so this saves memory, not decode time.
-    ExecuTorch runs it as quantized_decomposed::embedding_4bit (see fuse_quantized_embedding);
-    hidden sizes that are not a multiple of the group use int8 per row. Returns the scheme used.
+    Left in fp32, the table the lookup reads is the largest tensor of a small model (a tied one also
+    keeps the lm_head's packed copy inside XNNPACK): 8da4w's file and memory would be mostly fp32
+    embedding. 8 bits, not 4: the tied table is the output projection's too, and real models lose
+    accuracy there first. The lookup reads one row per token, so this saves memory, not decode time.
+    ExecuTorch runs it as quantized_decomposed::embedding_byte (see fuse_quantized_embedding).
+    Returns the scheme used.
     """
     from torchao.quantization import quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.granularity import PerAxis
     from torchao.quantization.quant_api import IntxWeightOnlyConfig
 
     embedding = module.get_input_embeddings()
-    grouped = embedding.embedding_dim % group_size == 0
-    config = IntxWeightOnlyConfig(
-        weight_dtype=torch.int4 if grouped else torch.int8, granularity=PerGroup(group_size) if grouped else PerAxis(0)
-    )
+    config = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     embedding.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)  # untie from lm_head
     embedding.padding_idx = None  # only gradients read it; with it set the export does not match the fused kernel
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(module, config, filter_fn=lambda m, fqn: m is embedding)
-    return f"int4 group {group_size}" if grouped else "int8 per-row"
+    return "int8 per-row"
 
 
 def fuse_quantized_embedding(edge):
@@ -184,10 +198,12 @@ def export_executorch(
     quantize: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     model_dir: str | Path | None = None,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write out_dir/model.pte (XNNPACK-lowered; 8da4w when quantize == "8da4w") and tokenizer.json.
 
     The caller's model keeps its weights (quantization works on a copy); it is left in eval mode, fp32.
+    importance: {linear name: mean squared input per channel} to calibrate 8da4w's codes (optional).
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
@@ -201,8 +217,8 @@ def export_executorch(
         model = copy.deepcopy(model)  # quantize_ swaps weights in place; the caller keeps its fp32 model
     model = model.float().eval().requires_grad_(False)
     if quantize == "8da4w":
-        quantize_8da4w_(model, group_size)
-        quantize_embedding_(model, group_size)
+        quantize_8da4w_(model, group_size, importance)
+        quantize_embedding_(model)
     decoder = ExecuTorchDecoder(model, max_seq_len).eval()
     # One Dim shared by tokens' length and input_pos' length: prefill any length, decode one token.
     seq = Dim("seq_len", min=1, max=max_seq_len - 1)

@@ -16,6 +16,8 @@ import ctypes
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .gguf_export import GGUF_FILE
 
 # method -> (llama.cpp's file type, the tensor type it stands for)
@@ -26,8 +28,42 @@ GGUF_QUANTIZATIONS = {
 }
 
 
-def quantize_gguf(src_dir: Path, out_dir: Path, method: str, threads: int | None = None) -> Path:
-    """OUT_DIR/model.gguf quantized from SRC_DIR/model.gguf by llama.cpp (+ SRC_DIR's tokenizer files)."""
+# a Linear's name in effllm's model -> its tensor in llama.cpp's file ({} = the layer)
+GGUF_TENSOR_NAMES = {
+    "self_attn.q_proj": "blk.{}.attn_q.weight",
+    "self_attn.k_proj": "blk.{}.attn_k.weight",
+    "self_attn.v_proj": "blk.{}.attn_v.weight",
+    "self_attn.o_proj": "blk.{}.attn_output.weight",
+    "mlp.gate_proj": "blk.{}.ffn_gate.weight",
+    "mlp.up_proj": "blk.{}.ffn_up.weight",
+    "mlp.down_proj": "blk.{}.ffn_down.weight",
+}
+
+
+def gguf_importance(importance: dict) -> dict[str, np.ndarray]:
+    """effllm's importance table ({Linear name: mean squared input per channel}) under llama.cpp's tensor
+    names: what llama.cpp's imatrix tool computes (it too stores the mean of squared inputs per channel)."""
+    out = {}
+    for name, values in importance.items():
+        parts = name.split(".")
+        if name == "lm_head":
+            key = "output.weight"
+        elif parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in GGUF_TENSOR_NAMES:
+            key = GGUF_TENSOR_NAMES[".".join(parts[3:])].format(parts[2])
+        else:
+            continue
+        out[key] = np.ascontiguousarray(values.detach().float().numpy(), dtype=np.float32)
+    return out
+
+
+def quantize_gguf(
+    src_dir: Path, out_dir: Path, method: str, threads: int | None = None, importance: dict | None = None
+) -> Path:
+    """OUT_DIR/model.gguf quantized from SRC_DIR/model.gguf by llama.cpp (+ SRC_DIR's tokenizer files).
+
+    importance: {Linear name: mean squared input per channel} handed to llama.cpp's quantizer as its
+    importance matrix (its k-quants and q4_0 then weigh each weight's error by its input's energy).
+    """
     from effllm.runtime.llamacpp_backend import last_error, llama_api
 
     from .onnx_export import copy_tokenizer_files
@@ -38,6 +74,15 @@ def quantize_gguf(src_dir: Path, out_dir: Path, method: str, threads: int | None
     params = api.llama_model_quantize_default_params()
     params.ftype = getattr(api, GGUF_QUANTIZATIONS[method][0])
     params.nthread = int(threads or os.cpu_count() or 1)
+    if importance:
+        # a null-terminated array of (tensor name, values, count); `keep` holds the buffers during the call
+        keep = gguf_importance(importance)
+        entries = (api.llama_model_imatrix_data * (len(keep) + 1))()
+        for entry, (name, values) in zip(entries, keep.items()):
+            entry.name = name.encode()
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = values.size
+        params.imatrix = entries
     code = api.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if code != 0:
         raise RuntimeError(f"llama.cpp could not quantize {src} to {method} (code {code}): {last_error()}")

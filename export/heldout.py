@@ -1,12 +1,18 @@
-"""Held-out text for the quantized variants' checks, first found: --eval-text FILE; the held-out split
-effllm-train tokenized beside the model (runs/<name>/data/heldout.bin, never trained on); built-in
-Python standard-library docstrings (fine for comparing quantized with fp32 even if seen in training).
+"""Held-out text for the quantized variants' checks and calibration, first found: --eval-text FILE; the
+held-out split effllm-train tokenized beside the model (runs/<name>/data/heldout.bin, never trained on);
+built-in Python standard-library docstrings (fine for comparing quantized with fp32 even if seen in
+training).
+
+The first windows judge the variants (verification); the windows after them calibrate the quantizers
+(weight_quant.input_importance), so no variant is judged on the text it was calibrated on, unless the
+text is too short for both (then calibration reuses the judged windows, and verify.json says so).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +37,25 @@ def find_train_heldout(model_dir: Path, vocab_size: int) -> Path | None:
 def read_heldout_tokens(path: Path, limit: int) -> list[int]:
     dtype = json.loads((path.parent / "meta.json").read_text())["dtype"]
     return np.fromfile(path, dtype=dtype, count=limit).astype(np.int64).tolist()
+
+
+@dataclass
+class HeldoutTokens:
+    ids: list[int]
+    source: str  # what verify.json names as the text
+
+    def windows(self, size: int) -> list[list[int]]:
+        """Consecutive, non-overlapping windows of ``size`` tokens."""
+        return [self.ids[i : i + size] for i in range(0, len(self.ids) - size + 1, size)]
+
+
+def heldout_tokens(eval_text: Path | None, heldout_bin: Path | None, tokenizer, limit: int) -> HeldoutTokens:
+    """Up to ``limit`` held-out token ids, from the first source of the module docstring."""
+    if heldout_bin is not None:
+        return HeldoutTokens(read_heldout_tokens(heldout_bin, limit), str(heldout_bin.resolve()))
+    if eval_text is not None:
+        return HeldoutTokens(tokenizer.encode(eval_text.read_text(errors="replace")).ids[:limit], str(eval_text.resolve()))
+    return HeldoutTokens(tokenizer.encode(builtin_eval_text()).ids[:limit], "built-in: Python standard-library docstrings")
 
 
 def builtin_eval_text() -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from effllm.runtime.model_files import model_bytes
 from effllm.runtime.native import quiet_native_output
 
+from .calibration import Calibration, load_heldout
 from .inputs import Plan, Variant
 
 # Libraries whose log records below ERROR, while they export, are progress or environment notes (torch.onnx's
@@ -98,6 +99,8 @@ def run_export(plan: Plan) -> int:
         model = EfficientLLMForCausalLM.from_pretrained(plan.model_dir, dtype="float32").eval().requires_grad_(False)
     say(architecture_summary(model.config))
 
+    heldout = load_heldout(plan)
+    calibration = Calibration(model, heldout, plan.max_seq_len)  # computed when a quantizer first asks
     staging = plan.out / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -109,7 +112,7 @@ def run_export(plan: Plan) -> int:
         if plan.verify:
             from .verifier import Verifier
 
-            verifier = Verifier(plan, model)
+            verifier = Verifier(plan, model, heldout)
         for variant in plan.variants:
             step += 1
             say(f"[{step}/{steps}] export {variant.name}{_slow_hint(variant)} ...")
@@ -119,14 +122,19 @@ def run_export(plan: Plan) -> int:
                 if variant.format == "onnx" and variant.quantization == "fp32":
                     export_onnx(model, target, plan.max_seq_len, model_dir=plan.model_dir)
                 elif variant.format == "onnx":
-                    quantize_onnx_dir(staging / "onnx", target, variant.quantization, plan.group_size)
+                    quantize_onnx_dir(
+                        staging / "onnx", target, variant.quantization, plan.group_size, calibration.by_onnx_weight()
+                    )
                 elif variant.format == "gguf" and variant.quantization in ("fp32", "f16"):
                     export_gguf(model, target, plan.max_seq_len, plan.model_dir, plan.gguf_dtype)
                 elif variant.format == "gguf":
-                    quantize_gguf(staging / "gguf", target, variant.quantization)
+                    quantize_gguf(staging / "gguf", target, variant.quantization, importance=calibration.by_linear())
                 else:
                     quantize = None if variant.quantization == "fp32" else variant.quantization
-                    export_executorch(model, target, plan.max_seq_len, quantize, plan.group_size, plan.model_dir)
+                    importance = calibration.by_linear() if quantize else None
+                    export_executorch(
+                        model, target, plan.max_seq_len, quantize, plan.group_size, plan.model_dir, importance
+                    )
             seconds = time.perf_counter() - start
             size = model_bytes(target)
             say(f"      done in {seconds:.1f} s, {size / 2**20:.2f} MiB")
@@ -141,7 +149,7 @@ def run_export(plan: Plan) -> int:
         if verifier is not None:
             from .verify_report import write_reports
 
-            write_reports(reports, staging, verifier.summary_fields())
+            write_reports(reports, staging, {**verifier.summary_fields(), **calibration.summary_fields()})
         publish(staging, plan.out, [v.name for v in plan.variants], plan.verify)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

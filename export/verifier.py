@@ -9,11 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .heldout import builtin_eval_text, read_heldout_tokens
+from .heldout import HeldoutTokens
 from .inputs import Plan, Variant
 from .verify import (
-    EVAL_WINDOW,
-    EVAL_WINDOWS,
     PROMPTS,
     TOKENIZER_TEXTS,
     TorchReference,
@@ -26,7 +24,7 @@ from .verify import (
 class Verifier:
     """Holds the torch reference, the prompts and the held-out windows shared by all variants."""
 
-    def __init__(self, plan: Plan, model):
+    def __init__(self, plan: Plan, model, heldout: HeldoutTokens):
         from tokenizers import Tokenizer
 
         from .onnx_export import eos_ids
@@ -37,16 +35,8 @@ class Verifier:
         tokenizer = self.tokenizer = Tokenizer.from_file(str(plan.model_dir / "tokenizer.json"))
         self.prompts = {p: tokenizer.encode(p).ids for p in PROMPTS}
         self.prompts = {p: ids for p, ids in self.prompts.items() if ids}
-        if plan.heldout_bin is not None:
-            self.eval_source = str(plan.heldout_bin.resolve())
-            ids = read_heldout_tokens(plan.heldout_bin, EVAL_WINDOWS * EVAL_WINDOW)
-        elif plan.eval_text is not None:
-            self.eval_source = str(plan.eval_text.resolve())
-            ids = tokenizer.encode(plan.eval_text.read_text(errors="replace")).ids
-        else:
-            self.eval_source = "built-in: Python standard-library docstrings"
-            ids = tokenizer.encode(builtin_eval_text()).ids
-        self.windows = eval_windows(ids, plan.max_seq_len)
+        self.eval_source = heldout.source
+        self.windows = eval_windows(heldout.ids, plan.max_seq_len)
 
     def verify(self, variant: Variant, target: Path) -> VariantReport:
         """Run the variant in ``target`` through its runtime backend and check it against torch."""

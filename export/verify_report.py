@@ -9,22 +9,23 @@ from pathlib import Path
 
 from effllm.common.fileio import write_atomic
 
-from .verify import F16_MAX_ABS_LOGIT_DIFF, FP32_MAX_ABS_LOGIT_DIFF, GREEDY_TOKENS, QUANTIZED_THRESHOLDS, VariantReport
+from .verify import F16_MAX_REL_LOGIT_DIFF, FP32_MAX_REL_LOGIT_DIFF, GREEDY_TOKENS, QUANTIZED_THRESHOLDS, VariantReport
 
-LEGEND = f"""fp32 variants pass with every logit within {FP32_MAX_ABS_LOGIT_DIFF:.0e} of torch's (prefill and one decode
-step per token of a {GREEDY_TOKENS}-token greedy continuation, every prompt) and identical greedy tokens
+LEGEND = f"""fp32 variants pass with every logit within {FP32_MAX_REL_LOGIT_DIFF:.0e} x the logits' scale (the largest |logit| torch
+computes on the prompts) of torch's (prefill and one decode step per token of a {GREEDY_TOKENS}-token greedy continuation,
+every prompt) and identical greedy tokens
 (for ONNX also in onnxruntime-genai). Quantized variants pass on held-out text: top-1 agreement
 with fp32 torch >= {QUANTIZED_THRESHOLDS["int8"]["min_top1_agreement"]} (int8) / >= {QUANTIZED_THRESHOLDS["int4"]["min_top1_agreement"]} (int4, 8da4w) and a perplexity increase of at
 most {QUANTIZED_THRESHOLDS["int8"]["max_ppl_increase"]:.0%} / {QUANTIZED_THRESHOLDS["int4"]["max_ppl_increase"]:.0%}; their greedy and logit columns are for information.
 GGUF variants run in llama.cpp (F32 KV cache): gguf with f32 weights is held to the fp32 promise, with f16
-weights to {F16_MAX_ABS_LOGIT_DIFF:.0e} and identical greedy tokens; gguf-q8_0 to int8's thresholds, gguf-q4_0 and
+weights to {F16_MAX_REL_LOGIT_DIFF:.0e} x the logits' scale and identical greedy tokens; gguf-q8_0 to int8's thresholds, gguf-q4_0 and
 gguf-q4_k_m to int4's; every GGUF variant's llama.cpp tokenizer must give the Hugging Face token ids.
 """
 
 def format_table(reports: list[VariantReport]) -> str:
     """A Markdown table, one row per exported variant."""
     header = (
-        "| variant | size | export | max abs logit diff | greedy = torch | genai = torch | tokenizer = HF "
+        "| variant | size | export | max abs logit diff | logit scale | greedy = torch | genai = torch | tokenizer = HF "
         "| top-1 agree | ppl torch | ppl | ppl change | result |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -32,7 +33,7 @@ def format_table(reports: list[VariantReport]) -> str:
         genai = "-" if r.genai_greedy_equal_prompts is None else f"{r.genai_greedy_equal_prompts}/{r.prompts}"
         tok = "-" if r.tokenizer_texts is None else f"{r.tokenizer_equal_texts}/{r.tokenizer_texts}"
         lines.append(
-            f"| {r.name} | {_size(r.size_bytes)} | {_secs(r.export_seconds)} | {r.max_abs_logit_diff:.2e} "
+            f"| {r.name} | {_size(r.size_bytes)} | {_secs(r.export_seconds)} | {r.max_abs_logit_diff:.2e} | {r.logit_scale:.3g} "
             f"| {r.greedy_equal_prompts}/{r.prompts} | {genai} | {tok} | {_num(r.top1_agreement, '.3f')} "
             f"| {_num(r.ppl_torch, '.2f')} | {_num(r.ppl, '.2f')} | {_pct(r.ppl_increase)} "
             f"| {'pass' if r.passed else 'FAIL: ' + '; '.join(r.failures)} |"
@@ -79,7 +80,8 @@ def write_reports(reports: list[VariantReport], out_dir: str | Path, extra: dict
     out_dir = Path(out_dir)
     summary = {
         "passed": all(r.passed for r in reports),
-        "fp32_max_abs_logit_diff": FP32_MAX_ABS_LOGIT_DIFF,
+        "fp32_max_rel_logit_diff": FP32_MAX_REL_LOGIT_DIFF,
+        "f16_max_rel_logit_diff": F16_MAX_REL_LOGIT_DIFF,
         "greedy_tokens": GREEDY_TOKENS,
         "quantized_thresholds": QUANTIZED_THRESHOLDS,
         **(extra or {}),

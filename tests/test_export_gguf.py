@@ -20,10 +20,10 @@ from effllm.export.cli import main
 from effllm.export.gguf_export import STANDIN_FFN, export_gguf, gguf_layers, rope_rows_to_interleaved
 from effllm.export.gguf_quantize import quantization_fallbacks, quantize_gguf, tensor_types
 from effllm.export.verify import (
-    F16_MAX_ABS_LOGIT_DIFF,
-    FP32_MAX_ABS_LOGIT_DIFF,
+    MAX_REL_LOGIT_DIFF,
     QUANTIZED_THRESHOLDS,
     TOKENIZER_TEXTS,
+    max_logit_diff,
 )
 from effllm.runtime.llamacpp_backend import LlamaCppBackend
 from export_helpers import PROMPTS, SHAPES, save_model_dir, scratch_dir, torch_greedy, trained_model_dir
@@ -119,7 +119,7 @@ def test_llamacpp_logits_and_greedy_tokens_match_torch(name, tokenizer):
             got = [backend.forward_all(prompt, 0)]  # prefill, then one decode step per greedy token
             got += [backend.forward_all([t], len(prompt) + i) for i, t in enumerate(expected[:-1])]
             got = np.concatenate(got)
-            assert np.abs(got - reference).max() <= FP32_MAX_ABS_LOGIT_DIFF, name
+            assert np.abs(got - reference).max() <= max_logit_diff("fp32", reference), name
             assert got[len(prompt) - 1 :].argmax(-1).tolist() == expected, name
     finally:
         backend.close()
@@ -133,7 +133,7 @@ def test_f16_weights_stay_within_their_threshold(tokenizer):
         reference = model(torch.tensor([ids]), use_cache=False).logits[0].numpy()
     diff = float(np.abs(backend.forward_all(ids, 0) - reference).max())
     backend.close()
-    assert FP32_MAX_ABS_LOGIT_DIFF < diff <= F16_MAX_ABS_LOGIT_DIFF  # f16 really is coarser, and within bounds
+    assert max_logit_diff("fp32", reference) < diff <= max_logit_diff("f16", reference)  # f16 really is coarser, and within bounds
 
 
 def test_llamacpp_tokenizer_gives_the_hugging_face_ids(tokenizer):
@@ -223,7 +223,7 @@ def test_cli_exports_quantizes_and_verifies_gguf(tokenizer, corpus):
         assert v["passed"], (name, v["failures"])
         assert v["tokenizer_equal_texts"] == v["tokenizer_texts"] == len(TOKENIZER_TEXTS)
     assert variants["gguf"]["quantization"] == "f16"
-    assert variants["gguf"]["max_abs_logit_diff"] <= F16_MAX_ABS_LOGIT_DIFF
+    assert variants["gguf"]["max_rel_logit_diff"] <= MAX_REL_LOGIT_DIFF["f16"]
     assert variants["gguf"]["greedy_equal_prompts"] == variants["gguf"]["prompts"]
     for name in ("gguf-q8_0", "gguf-q4_0", "gguf-q4_k_m"):
         v = variants[name]

@@ -1,0 +1,160 @@
+"""Block-wise weight quantization that minimises the error where the model's inputs are large.
+
+Round-to-nearest on the absolute maximum (what onnxruntime's MatMulNBits quantizer and torchao's
+defaults do) spends the 4-bit grid on the largest weight of each block and treats every input channel
+alike. A real model's inputs are not alike: a few channels carry most of the activation energy (outlier
+channels), and an error in a weight that multiplies such a channel costs far more than one in a quiet
+channel. So, as llama.cpp's quantizers do with an importance matrix, each block of ``block`` input
+channels (per output row) is quantized by trying a range of scales, refitting the scale (and zero point)
+by weighted least squares for the integer codes each one gives, and keeping the candidate with the least
+error weighted by the mean squared input of each channel on calibration text (:func:`input_importance`).
+
+On SmolLM2-135M (4-bit, blocks of 32, the tied embedding / lm_head at 8 bits) this takes the perplexity
+increase on held-out English from +34.7% (round-to-nearest, symmetric) to +18.4% (symmetric) and top-1
+agreement with fp32 from 0.64 to 0.72-0.75; docs/formats.md has the table.
+
+The result is codes, scales and zero points in the layouts the exporters write: onnxruntime's
+MatMulNBits (unsigned codes, integer zero points) and torchao's IntxUnpackedToInt8Tensor, which
+ExecuTorch's XNNPACK delegate runs (signed codes, symmetric: XNNPACK's 4-bit groups have no zero point).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Candidate scales: the range divided by (levels + STEP * i) for i in -STEPS..STEPS (llama.cpp's search
+# makes the same sweep); below 0 the largest weights clip, above it the grid is finer than the range.
+# Symmetric codes -2^(b-1)..2^(b-1)-1 take levels = 2^(b-1) - 0.5 (the negative side has one more).
+# 8-bit codes are fine enough that the plain range (i = 0) is all but optimal: one candidate, refitted.
+SEARCH_STEPS = 10
+SEARCH_STEP = 0.1
+CHUNK_ELEMENTS = 1 << 22
+IMPORTANCE_BATCH = 8
+
+
+@dataclass
+class BlockQuant:
+    """A weight [out, in] in blocks of ``block`` along ``in`` (the last block padded with zeros)."""
+
+    codes: torch.Tensor  # int64 [out, blocks, block]: 0..2^bits-1 (asymmetric) or -2^(bits-1)..2^(bits-1)-1
+    scales: torch.Tensor  # float32 [out, blocks]
+    zero_points: torch.Tensor | None  # int64 [out, blocks] (asymmetric), None (symmetric)
+    in_features: int
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        codes = self.codes.float()
+        if self.zero_points is not None:
+            codes = codes - self.zero_points.unsqueeze(-1).float()
+        weight = codes * self.scales.unsqueeze(-1)
+        return weight.reshape(weight.shape[0], -1)[:, : self.in_features]
+
+
+@torch.no_grad()
+def input_importance(model: nn.Module, windows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """{name of every nn.Linear: mean squared input per input channel} over the token windows
+    (llama.cpp's importance matrix). Runs the model once per window, fp32, no KV cache."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        # equal-length windows in batches: one matrix product per layer instead of one per window
+        by_length: dict[int, list[list[int]]] = {}
+        for window in windows:
+            by_length.setdefault(len(window), []).append(window)
+        for group in by_length.values():
+            for i in range(0, len(group), IMPORTANCE_BATCH):
+                model(torch.tensor(group[i : i + IMPORTANCE_BATCH]), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+@torch.no_grad()
+def quantize_blocks(
+    weight: torch.Tensor,
+    bits: int,
+    block: int,
+    symmetric: bool,
+    importance: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> BlockQuant:
+    """Quantize ``weight`` [out, in] block-wise by the weighted-error search above.
+
+    importance: [in] weights of each input channel's error (None: all alike); scale_dtype: the precision
+    the runtime keeps scales in (XNNPACK rounds its group scales to bfloat16), so the search sees it.
+    """
+    out_features, in_features = weight.shape
+    pad = (-in_features) % block
+    # contiguous first: the candidates' errors can nearly tie, and a summation order that follows the
+    # memory layout could then pick other codes for the same values (the ONNX graph holds W transposed)
+    x = nn.functional.pad(weight.detach().float().contiguous(), (0, pad)).reshape(out_features, -1, block)
+    if importance is None:
+        importance = torch.ones(in_features)
+    # A small floor: channels no calibration token excited still count a little (and pad counts nothing).
+    w = importance.float().clamp_min(0) + 1e-8 * float(importance.float().mean().clamp_min(1e-30))
+    w = nn.functional.pad(w, (0, pad)).reshape(1, -1, block)
+    # rows in chunks that stay in the CPU's cache: the search is a dozen passes over each element
+    rows = max(1, CHUNK_ELEMENTS // x[0].numel())
+    parts = [_search(x[r : r + rows], w, bits, symmetric, scale_dtype) for r in range(0, out_features, rows)]
+    codes, scales, zeros = (torch.cat(t) if t[0] is not None else None for t in zip(*parts))
+    return BlockQuant(codes, scales, zeros, in_features, bits)
+
+
+def _safe(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d.abs() > 1e-30, d, torch.ones_like(d))
+
+
+def _search(x, w, bits, symmetric, scale_dtype):
+    """One pass over the weights per candidate: its codes and three weighted sums; the rest (the refit
+    and the candidate's error, expanded as sum w x^2 - 2 s sum w q x + s^2 sum w q^2) is per block."""
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        span, base, levels = x.abs().amax(-1), None, qmax + 0.5
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        lo = x.amin(-1)
+        span, base, levels = x.amax(-1) - lo, lo, qmax
+    sw, swx, swxx = w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1)
+    steps = SEARCH_STEPS if bits <= 4 else 0
+    best_err = best = None
+    for i in range(-steps, steps + 1):
+        scale0 = _safe(span / (levels + SEARCH_STEP * i))
+        zero0 = torch.zeros_like(scale0) if symmetric else (-base / scale0).round().clamp(qmin, qmax)
+        codes = torch.round(x / scale0.unsqueeze(-1) + zero0.unsqueeze(-1)).clamp_(qmin, qmax)
+        wq = w * codes
+        swq, swqx, swqq = wq.sum(-1), (wq * x).sum(-1), (wq * codes).sum(-1)
+        if symmetric:
+            zero = zero0
+        else:  # least squares for scale and offset, the offset rounded to an integer zero point
+            det = _safe(sw * swqq - swq * swq)
+            fit_scale, fit_offset = (sw * swqx - swq * swx) / det, (swqq * swx - swq * swqx) / det
+            zero = torch.where(fit_scale > 0, (-fit_offset / _safe(fit_scale)).round().clamp(qmin, qmax), zero0)
+        # with q = codes - zero: sum w q x and sum w q^2 from the sums above
+        sqx = swqx - zero * swx
+        sqq = swqq - 2 * zero * swq + zero * zero * sw
+        scale = sqx / _safe(sqq)
+        scale = torch.where(scale > 0, scale, scale0).to(scale_dtype).float()
+        err = swxx - 2 * scale * sqx + scale * scale * sqq
+        if best is None:
+            best_err, best = err, (scale0, zero0, scale, zero)
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = tuple(torch.where(better, new, old) for new, old in zip((scale0, zero0, scale, zero), best))
+    scale0, zero0, scale, zero = best
+    codes = torch.round(x / scale0.unsqueeze(-1) + zero0.unsqueeze(-1)).clamp_(qmin, qmax)  # the winner's codes
+    return codes.long(), scale, None if symmetric else zero.long()
