@@ -6,8 +6,8 @@ magnitude pruning (Zhu & Gupta 2017): P = T + (S - T) * (1 - x)^3 with x the fra
 phase done, so most parameters go early while the model is large and the rest slowly. A prune
 step calls ``Pruner.prune_to(budget(tokens))``, which removes lowest-density groups until
 params <= P(t); so after every prune step
-P(t) - (largest group) < params <= P(t), unless a floor stops it. ``stages(K)`` places K one-time removals on the same
-curve (the one-shot and staged schedules).
+P(t) - (largest group) < params <= P(t), unless a floor stops it. ``stages(K)`` places K one-time
+removals on the same curve (the one-shot and staged schedules).
 
 Integer arithmetic only (no float rounding at billions of parameters): P(t) is rounded down, so
 it is exactly ``target_params`` from ``end_tokens`` on and never above the line.

@@ -65,7 +65,9 @@ class _Candidates:
         self._cache = None
 
 
-def select_groups(shapes: ModelShapes, scores: dict, budget: int, cfg: PruningConfig, exact: bool = False) -> Selection:
+def select_groups(
+    shapes: ModelShapes, scores: dict, budget: int, cfg: PruningConfig, exact: bool = False
+) -> Selection:
     """Pick lowest-density groups until ``shapes.total() <= budget`` or the floors stop it.
 
     ``exact``: the budget is the final target, so land on it: when the lowest-density group would
