@@ -125,12 +125,15 @@ def train_main(argv: list[str] | None = None) -> int:
 
         cfg = resume_config(args) if args.resume else build_config(args.recipe, args)
         if cfg.source == QUICKSTART_SOURCE and not cfg.init_config and not cfg.resume:
+            from effllm.training import distill, schedules
             from effllm.training.plan import pruning_config
             from effllm.training.quickstart import build_quickstart_source
             from effllm.training.train import check_out_dir
 
             check_out_dir(Path(cfg.out), cfg)  # before the source is trained, not after
             pruning_config(cfg)  # bad pruning knobs too: nothing written for a run that cannot start
+            schedules.check_config(cfg)
+            distill.check_config(cfg)
 
             cfg = replace(cfg, source=str(build_quickstart_source(cfg)))
         return train(cfg).get("exit_code", 0)

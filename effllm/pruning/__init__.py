@@ -11,12 +11,12 @@ One module per concept (docs/method.md explains the algorithm):
 - ``obs``        optional local second-order weight update (OBS)
 - ``schedule``   ParameterBudget: the parameter budget over tokens
 - ``pruner``     Pruner: all of the above for one model, the prune log, state_dict for resume
-- ``oneshot``    one_shot_prune: the LLM-Pruner-style baseline
+- ``oneshot``    one_shot_prune: the LLM-Pruner-style baseline; calibrate: its calibration pass
 """
 
 from .config import DEFAULTS_HELP, PruningConfig
 from .groups import Group, GroupType, ModelShapes, enumerate_groups
-from .oneshot import one_shot_prune
+from .oneshot import calibrate, one_shot_prune
 from .pruner import Pruner
 from .saliency import SaliencyTracker
 from .schedule import ParameterBudget
@@ -34,6 +34,7 @@ __all__ = [
     "Removal",
     "SaliencyTracker",
     "apply_surgery",
+    "calibrate",
     "enumerate_groups",
     "one_shot_prune",
     "select_groups",

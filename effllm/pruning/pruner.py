@@ -92,6 +92,10 @@ class Pruner:
         """
         return self.tracker.update(tokens)
 
+    def reset_saliency(self, mode: str = "mean") -> None:
+        """Start the saliency statistics afresh (a one-shot or staged schedule's calibration pass)."""
+        self.tracker.reset(mode)
+
     def close(self) -> None:
         """Detach from the model (removes the token-counting hook); the Pruner is unusable afterwards."""
         self.tracker.close()

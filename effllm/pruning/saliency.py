@@ -187,6 +187,17 @@ class SaliencyTracker:
         self.extra_a = torch.zeros(n, dtype=F32, device=dev)
         self.extra_b = torch.zeros(n, dtype=F32, device=dev)
 
+    def reset(self, mode: str | None = None) -> None:
+        """Forget every statistic (and the tokens counted so far), at the model's current shapes;
+        ``mode`` switches between "ema" and "mean" (a calibration pass accumulates a plain mean)."""
+        if mode is not None:
+            if mode not in ("ema", "mean"):
+                raise ValueError(f"mode must be 'ema' or 'mean' (got {mode!r})")
+            self.mode = mode
+        self.count = 0
+        take_token_count(self.model.model)  # training forwards since the last update are not this statistic's
+        self._allocate()
+
     # ---- the update after each backward ---------------------------------------------------------
     def fisher_tokens(self, tokens: int | None) -> int:
         """N for this update: given, or counted since the last update (times the world size)."""

@@ -6,7 +6,8 @@ magnitude pruning (Zhu & Gupta 2017): P = T + (S - T) * (1 - x)^3 with x the fra
 phase done, so most parameters go early while the model is large and the rest slowly. A prune
 step calls ``Pruner.prune_to(budget(tokens))``, which removes lowest-density groups until
 params <= P(t); so after every prune step
-P(t) - (largest group) < params <= P(t), unless a floor stops it.
+P(t) - (largest group) < params <= P(t), unless a floor stops it. ``stages(K)`` places K one-time
+removals on the same curve (the one-shot and staged schedules).
 
 Integer arithmetic only (no float rounding at billions of parameters): P(t) is rounded down, so
 it is exactly ``target_params`` from ``end_tokens`` on and never above the line.
@@ -55,6 +56,17 @@ class ParameterBudget:
         if self.curve == "cubic":  # the part of the drop still to come: (1 - x)^3, rounded down
             return int(self.target_params + (drop * (span - done) ** 3) // span**3)
         return int(self.source_params - (drop * done + span - 1) // span)
+
+    def stages(self, k: int) -> list[tuple[int, int]]:
+        """K removals spread evenly over the phase (a staged schedule; K = 1 is one-shot pruning):
+        (tokens at which removal i happens, its budget) with removal i at the start of the i-th
+        K-th of the phase, pruning to the budget of that K-th's end, so the last one reaches the
+        target and is followed by the phase's last K-th and everything after as recovery."""
+        if k < 1:
+            raise ValueError(f"a staged schedule needs at least one stage (got {k})")
+        span = self.end_tokens - self.start_tokens
+        return [(self.start_tokens + span * i // k, self.budget(self.start_tokens + span * (i + 1) // k))
+                for i in range(k)]  # fmt: skip
 
 
 __all__ = ["BUDGET_CURVES", "ParameterBudget"]

@@ -25,6 +25,9 @@ micro-batch, ``W`` the world size.
   layer's fp32 input is kept, ``4h * L * T``, plus one layer's ``A * T`` while it is recomputed.
 * logits: bf16 logits, their fp32 copy and the fp32 log-softmax kept for backward, ``10 V T``.
   At a 49K-152K vocabulary this is often the largest single term.
+* --distill: the teacher's fp32 weights ``4 P_t`` (no gradients, no optimizer state), its logits
+  ``4 V T`` and the KD loss's per-chunk fp32 temporaries (three of ``distill.CHUNK_ELEMENTS``);
+  its activations are freed layer by layer (no autograd graph).
 * FSDP2 (``fully_shard`` per decoder layer): weights, gradients and AdamW state are divided by
   ``W``: ``16P / W``; add the unsharded working set, the current and the prefetched layer's full
   fp32 parameters and one layer's full gradients ``3 * 4 * layer_params``, and the embedding /
@@ -64,11 +67,12 @@ class Memory:
     logits: int
     ddp_buckets: int = 0
     fsdp_working_set: int = 0
+    teacher: int = 0
 
     @property
     def total(self) -> int:
         return (self.weights + self.gradients + self.adamw + self.saliency + self.activations + self.logits
-                + self.ddp_buckets + self.fsdp_working_set)  # fmt: skip
+                + self.ddp_buckets + self.fsdp_working_set + self.teacher)  # fmt: skip
 
 
 @dataclass
@@ -92,6 +96,7 @@ class RunPlan:
     seconds: float
     throughput_from: str
     notes: list[str] = field(default_factory=list)
+    schedule: str = ""
 
 
 def source_config(cfg: TrainConfig):
@@ -127,17 +132,18 @@ def activation_bytes_per_token_layer(h: int, q: int, k: int, f: int) -> int:
     return 12 * h + 6 * q + 6 * k + 8 * f
 
 
-def memory(config, cfg: TrainConfig, world_size: int, fsdp: bool) -> Memory:
-    """Peak bytes per device for ``config`` (see the module docstring for every term)."""
+def memory(config, cfg: TrainConfig, world_size: int, fsdp: bool, teacher=None) -> Memory:
+    """Peak bytes per device for ``config`` (see the module docstring for every term); ``teacher``:
+    the --distill teacher's config."""
+    from effllm.training.distill import CHUNK_ELEMENTS
+
     count = count_parameters(config)
     p = count.total
     h, v, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     shapes = config.layer_shapes()
     hd = config.head_dim
     tokens = cfg.batch_size * cfg.seq_len
-    per_layer = [
-        activation_bytes_per_token_layer(h, heads * hd, kv * hd, ffn) for heads, kv, ffn in shapes
-    ]
+    per_layer = [activation_bytes_per_token_layer(h, heads * hd, kv * hd, ffn) for heads, kv, ffn in shapes]
     if cfg.gradient_checkpointing:
         activations = (4 * h * n_layers + max(per_layer, default=0)) * tokens
     else:
@@ -146,13 +152,14 @@ def memory(config, cfg: TrainConfig, world_size: int, fsdp: bool) -> Memory:
     largest = max([v * h] + [max(h * heads * hd, h * ffn) for heads, _, ffn in shapes])
     saliency = 8 * groups + 8 * largest
     logits = 10 * v * tokens
+    kd = 0 if teacher is None else 4 * count_parameters(teacher).total + 4 * v * tokens + 3 * 4 * CHUNK_ELEMENTS
     if not fsdp:
         return Memory(4 * p, 4 * p, 8 * p, saliency, activations, logits,
-                      ddp_buckets=4 * p if world_size > 1 else 0)  # fmt: skip
+                      ddp_buckets=4 * p if world_size > 1 else 0, teacher=kd)  # fmt: skip
     layer_params = max((count.attention + count.ffn) // max(n_layers, 1), 1)
     shard = math.ceil(p / world_size)
     working = 3 * 4 * layer_params + 8 * v * h
-    return Memory(4 * shard, 4 * shard, 8 * shard, saliency, activations, logits, fsdp_working_set=working)
+    return Memory(4 * shard, 4 * shard, 8 * shard, saliency, activations, logits, fsdp_working_set=working, teacher=kd)
 
 
 def flops_per_token(config, seq_len: int, params: int | None = None) -> float:
@@ -214,10 +221,18 @@ def measure(config, cfg: TrainConfig, steps: int) -> dict:
 def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None = None, gpu_tflops: float = 989.0,
               mfu: float = 0.35, gpu_memory_gib: float = 80.0, measure_steps: int = 0) -> RunPlan:  # fmt: skip
     """Everything ``--dry-run`` prints; raises RecipeError (or the source's error) on bad input."""
+    from dataclasses import replace
+
     from effllm.pruning import ParameterBudget
+    from effllm.training import distill, schedules
     from effllm.training.train import pruning_end, resolve_target
 
+    schedules.check_config(cfg)
+    distill.check_config(cfg)
     config, where = source_config(cfg)
+    teacher = None
+    if cfg.distill:
+        teacher = source_config(replace(cfg, source=cfg.teacher, init_config=None))[0] if cfg.teacher else config
     count = count_parameters(config)
     source_params = count.total
     notes: list[str] = []
@@ -228,7 +243,8 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
     prune_tokens = prune_end - cfg.prune_start
     curve = getattr(cfg, "budget_curve", "linear")
     points: list[tuple[int, int]] = []
-    prune_steps = 0
+    prune_steps, schedule = 0, ""
+    params_at = lambda t: source_params  # noqa: E731
     if target is not None:
         budget = ParameterBudget(source_params, target, cfg.prune_start, prune_end, curve)
         marks = [0, cfg.prune_start] + [cfg.prune_start + prune_tokens * i // 4 for i in (1, 2, 3)] + [prune_end]
@@ -236,6 +252,11 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
         first = cfg.prune_start // tokens_per_step
         last = math.ceil(prune_end / tokens_per_step)
         prune_steps = max(0, last - first) // max(cfg.prune_every, 1)
+        params_at = budget.budget
+        schedule, stages = schedules.describe(cfg, budget), schedules.removals(cfg, budget)
+        if stages:  # one-time removals: the size steps down at each
+            points, prune_steps = [(0, source_params), *stages], len(stages)
+            params_at = lambda t: min([source_params] + [p for s, p in stages if s <= t])  # noqa: E731
     # time: integrate FLOPs along the budget (64 slices of the run)
     source_flops = flops_per_token(config, cfg.seq_len)
     slices, seconds = 64, 0.0
@@ -258,10 +279,10 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
         throughput_from = f"estimated: {world_size} GPU(s) x {gpu_tflops:g} TFLOP/s x MFU {mfu:g}"
     for i in range(slices):
         t = (i + 0.5) * cfg.tokens / slices
-        params = budget.budget(int(t)) if target is not None else source_params
+        params = params_at(int(t))
         rate = rate_at_source * source_flops / flops_per_token(config, cfg.seq_len, params)
         seconds += cfg.tokens / slices / rate
-    ddp, fsdp = memory(config, cfg, world_size, False), memory(config, cfg, world_size, True)
+    ddp, fsdp = memory(config, cfg, world_size, False, teacher), memory(config, cfg, world_size, True, teacher)
     limit = gpu_memory_gib * GIB
     if ddp.total > limit and not cfg.gradient_checkpointing:
         notes.append("DDP does not fit at this micro-batch: add --gradient-checkpointing, or lower --batch-size "
@@ -280,7 +301,7 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
         target_params=target, world_size=world_size, tokens_per_step=tokens_per_step, total_steps=total_steps,
         total_tokens=total_steps * tokens_per_step, prune_start=cfg.prune_start, prune_end=prune_end,
         prune_steps=prune_steps, budget_points=points, ddp=ddp, fsdp=fsdp, gpu_memory_gib=gpu_memory_gib,
-        seconds=seconds, throughput_from=throughput_from, notes=notes,
+        seconds=seconds, throughput_from=throughput_from, notes=notes, schedule=schedule,
     )  # fmt: skip
 
 
@@ -321,11 +342,12 @@ def format_plan(plan: RunPlan) -> str:
             "the budget (parameters allowed) at:"
         )
         lines += [f"  {t:>18,} tokens: {format_count(p)}" for t, p in plan.budget_points]
+        lines.append(plan.schedule)
     lines.append(f"memory per device at the peak (the source), limit {plan.gpu_memory_gib:g} GiB:")
     header = f"  {'':22}{'DDP':>12}{'FSDP2':>12}"
     lines.append(header)
     for name in ("weights", "gradients", "adamw", "saliency", "activations", "logits", "ddp_buckets",
-                 "fsdp_working_set", "total"):  # fmt: skip
+                 "fsdp_working_set", "teacher", "total"):  # fmt: skip
         a, b = getattr(plan.ddp, name), getattr(plan.fsdp, name)
         lines.append(f"  {name.replace('_', ' '):22}{_gib(a):>12}{_gib(b):>12}")
     fits = {k: m.total <= plan.gpu_memory_gib * GIB for k, m in (("DDP", plan.ddp), ("FSDP2", plan.fsdp))}

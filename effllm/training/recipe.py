@@ -73,6 +73,33 @@ class TrainConfig:
         "as gradual magnitude pruning)",
         choices=["linear", "cubic"],
     )
+    schedule: str = _f(
+        "continuous",
+        "when groups are removed: continuous (the paper: a little after every --prune-every steps, saliency "
+        "from the training gradients), one-shot (a calibration pass of --calibration-batches at --prune-start, "
+        "one removal to the target, then every remaining token trains the final architecture) or staged "
+        "(--stages one-shot removals spread over the pruning phase, recovery training after each). In our CPU "
+        "study (bench/results/method.md, 3 seeds) pruning once then training beat pruning during training by "
+        "8.5-9.4% held-out perplexity at 0.12 of the source and 3.3-3.8% at 0.28, and tied at 0.5: prefer "
+        "one-shot for small targets. The default stays continuous until a study at a real source's scale decides",
+        choices=["continuous", "one-shot", "staged"],
+    )
+    calibration_batches: int = _f(
+        16, "one-shot and staged: micro-batches of the calibration pass before each removal (not trained on)"
+    )
+    stages: int = _f(2, "staged: how many removals (each a calibration pass and a removal to an intermediate budget)")
+    # knowledge distillation
+    distill: bool = _f(
+        False,
+        "train on forward KL(teacher || student) of the logits (mixed with the LM loss by --distill-weight); the "
+        "teacher is the frozen source, or --teacher. Costs one teacher forward per micro-batch "
+        "(bench/results/distill_overhead.json)",
+    )
+    teacher: str | None = _f(
+        None, "with --distill: the teacher (model directory, GGUF file or hub id) instead of the source; same tokenizer"
+    )
+    distill_temperature: float = _f(1.0, "with --distill: softmax temperature T of both logits (the loss is x T^2)")
+    distill_weight: float = _f(1.0, "with --distill: loss = w * KD + (1 - w) * LM; 1 is pure distillation")
     # pruning
     granularity: int = _f(
         1,
@@ -178,7 +205,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
-        help_text = f"{meta['help']} (default: {f.default})"
+        help_text = f"{meta['help']} (default: {f.default})".replace("%", "%%")  # argparse formats help with %
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue

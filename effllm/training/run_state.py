@@ -134,6 +134,7 @@ class RunState:
     ledger: dict = field(default_factory=new_ledger)
     net: torch.nn.Module | None = None  # the model as the loop calls it (DDP, compiled)
     net_compiled: bool = False
+    distill: object | None = None  # effllm.training.distill.Distiller under --distill: the frozen teacher
 
     @property
     def device(self) -> torch.device:

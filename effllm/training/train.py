@@ -10,14 +10,14 @@ so makes the same decisions. Checkpoints make a resumed run bitwise equal to an 
 (on CPU).
 
 ``train(cfg)`` runs the stages in order: the plan (effllm.training.plan), the data and run.json
-(effllm.training.run_files), the state, fresh or resumed (effllm.training.run_state), the loop (``train_step``,
-``prune_step``, ``evaluate`` here) and ``finish`` (the model, results.json and the report).
+(effllm.training.run_files), the state, fresh or resumed (effllm.training.run_state), the loop (``train_step``
+and ``evaluate`` here; when groups are removed is effllm.training.schedules, the objective with or
+without a teacher effllm.training.distill) and ``finish`` (the model, results.json and the report).
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import os
 import signal
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from effllm.common.fileio import staged_dir, write_json_atomic
 from effllm.model.configuration_effllm import EfficientLLMConfig
 from effllm.model.params import architecture_summary, count_parameters, format_count
+from effllm.training import distill, schedules
 from effllm.training import distributed as D
 from effllm.training.plan import Plan, TrainError, plan_run, pruning_config, pruning_end, resolve_target
 from effllm.training.recipe import TrainConfig
@@ -153,15 +154,13 @@ def train_step(state: RunState) -> tuple[float, torch.Tensor]:
         if info.enabled and micro < cfg.grad_accum - 1:
             sync = state.net.no_sync()
         with sync:
-            with state.autocast():
-                logits = state.net(batch[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            loss = distill.training_loss(state.net, batch, state.autocast, state.distill)
             (loss / cfg.grad_accum).backward()
         step_loss += loss.item() / cfg.grad_accum
         # Drop the graph now: its AccumulateGrad nodes remember parameter shapes, and
-        # surgery in prune_step changes them (a live node would reject the next backward's grads).
-        del logits, loss
-    if state.pruner is not None and state.tokens_seen < plan.prune_end:
+        # surgery in a prune step changes them (a live node would reject the next backward's grads).
+        del loss
+    if schedules.tracks_saliency(state):
         state.pruner.update_saliency()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
@@ -170,28 +169,6 @@ def train_step(state: RunState) -> tuple[float, torch.Tensor]:
     state.step += 1
     state.tokens_seen += plan.tokens_per_step
     return step_loss, batch
-
-
-def prune_step(state: RunState, batch: torch.Tensor) -> None:
-    """Every --prune-every steps of the pruning phase (and at its end): remove the least salient
-    groups until the model fits the budget, log the decisions, and rewrap the model."""
-    cfg, plan, pruner = state.cfg, state.plan, state.pruner
-    if pruner is None or not (state.step % cfg.prune_every == 0 or state.tokens_seen >= plan.prune_end):
-        return
-    limit = state.budget.budget(state.tokens_seen)
-    if count_parameters(state.model.config).total <= limit:
-        return
-    # The DDP reducer holds the parameters' grad accumulators too: release it first.
-    state.net = None
-    gc.collect()
-    records = pruner.prune_to(
-        limit, step=state.step, tokens=state.tokens_seen, batch=batch[:, :-1], exact=limit <= plan.target_params
-    )
-    if records:
-        state.prune_log.write(records)
-        if cfg.check_decisions or state.info.enabled:
-            state.ledger["decisions_digest"] = D.check_same_decisions(records, state.info)
-    state.make_net()
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -204,6 +181,10 @@ def announce(state: RunState) -> None:
             f"{plan.prune_start:,}..{plan.prune_end:,}, then continued pretraining to {plan.total_steps * plan.tokens_per_step:,}",
             flush=True,
         )
+        print(schedules.describe(state.cfg, state.budget), flush=True)
+    if state.distill is not None:
+        print(f"distilling from {state.cfg.teacher or plan.source} (T={state.distill.temperature:g}, "
+              f"KD weight {state.distill.weight:g})", flush=True)  # fmt: skip
 
 
 def run_loop(state: RunState) -> int:
@@ -217,11 +198,12 @@ def run_loop(state: RunState) -> int:
     exit_code = 0
     with StopRequested() as stop:
         while state.step < plan.total_steps:
+            schedules.before_step(state)  # one-shot / staged: a calibration pass and a removal when due
             step_start = time.perf_counter()
             step_loss, batch = train_step(state)
             step, tokens_seen = state.step, state.tokens_seen
-            phase = "prune" if state.pruner is not None and tokens_seen <= plan.prune_end else "train"
-            prune_step(state, batch)
+            phase = schedules.phase(state)
+            schedules.prune_step(state, batch)
             if state.compile_now() and not state.net_compiled:
                 state.net = None
                 state.make_net()  # the pruning phase has just ended
@@ -320,13 +302,17 @@ def train(cfg: TrainConfig) -> dict:
         check_out_dir(out, cfg)
     D.barrier(info)
     # 1. the plan: model, tokenizer and every check before anything is written
+    schedules.check_config(cfg)
+    distill.check_config(cfg)
     start = load_start(cfg, out, info)
     pruning_cfg = pruning_config(cfg)
     plan = plan_run(cfg, start.model, start.saved_plan, pruning_cfg, info.world_size)
+    distiller = distill.load_teacher(cfg, start.tokenizer, start.model.config.vocab_size, info.device)
     # 2. the data, and run.json
     data = prepare_data(cfg, out, info, start.tokenizer, plan)
     # 3. the state: fresh, or the checkpoint's
     state = build_state(cfg, info, out, start, plan, pruning_cfg, data)
+    state.distill = distiller
     if state.ledger["source_heldout_loss"] is None:
         state.ledger["source_heldout_loss"] = evaluate(state, 0, 0)
     if info.is_main:
