@@ -40,7 +40,7 @@ def quiet_native_output(enabled: bool = True):
 
 def load_llm_kernels() -> None:
     """Register ExecuTorch's LLM ops (torch.ops.llama.update_cache, custom_sdpa), which every .pte effllm
-    writes needs, and its quantized ops (quantized_decomposed::embedding_4bit, 8da4w's embedding): their
+    writes needs, and its quantized ops (quantized_decomposed::embedding_byte, 8da4w's embedding): their
     export-time definitions and their runtime kernels (docs/formats.md)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (loads libcustom_ops_aot_lib)
     import executorch.kernels.quantized  # noqa: F401  (loads libquantized_ops_aot_lib)

@@ -134,7 +134,8 @@ def pte_operators(pte) -> set[str]:
 
 
 def test_8da4w_embedding_of_a_hidden_size_off_the_group_is_int8_per_row(tmp_path):
-    """Stem pruning leaves hidden sizes like 72: the embedding then runs as ExecuTorch's embedding_byte."""
+    """Stem pruning leaves hidden sizes like 72: the embedding (int8 per row at any size) runs as ExecuTorch's
+    embedding_byte."""
     model = tiny_model(hidden_size=72, num_hidden_layers=2)
     pte = export_executorch(model, tmp_path, MAX_SEQ_LEN, "8da4w")
     operators = pte_operators(pte)
@@ -154,9 +155,9 @@ def test_8da4w_within_thresholds_and_runs_in_the_llm_runner(tokenizer, corpus):
     model = EfficientLLMForCausalLM.from_pretrained(model_dir).eval()
     pte = run.out / "executorch-8da4w" / "model.pte"
     assert pte.stat().st_size < 0.6 * (run.out / "executorch" / "model.pte").stat().st_size
-    # The token lookup reads an int4 table, not the fp32 embedding (which would be most of the file).
+    # The token lookup reads an int8 table, not the fp32 embedding (which would be most of the file).
     operators = pte_operators(pte)
-    assert "quantized_decomposed::embedding_4bit" in operators and "aten::embedding" not in operators
+    assert "quantized_decomposed::embedding_byte" in operators and "aten::embedding" not in operators
     backend = ExecuTorchBackend(pte)
 
     def run_window(ids):  # every position's logits: one token per call (the program returns the last one's)
