@@ -137,10 +137,12 @@ def test_unquantized_checks_fail_when_one_weight_moves_by_0_02(real_cut_dir, tmp
     tokenizer = Tokenizer.from_file(str(real_cut_dir / "tokenizer.json"))
     prompts = {p: tokenizer.encode(p).ids for p in PROMPTS}
     ids = prompts[PROMPTS[0]]
+    seen = []  # the output projection's input: the final normed hidden states
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     with torch.no_grad():
-        out = model(torch.tensor([ids]), output_hidden_states=True)
-        token = int(out.logits[0, -1].argmax())
-        channel = int(out.hidden_states[-1][0, -1].abs().argmax())
+        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    hook.remove()
+    channel = int(seen[0][0, -1].abs().argmax())
     changed = EfficientLLMForCausalLM.from_pretrained(real_cut_dir, dtype="float32").eval()
     with torch.no_grad():
         changed.lm_head.weight[token, channel] += 0.02
