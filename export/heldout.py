@@ -42,11 +42,7 @@ def read_heldout_tokens(path: Path, limit: int) -> list[int]:
 @dataclass
 class HeldoutTokens:
     ids: list[int]
-    source: str  # what verify.json names as the text
-
-    def windows(self, size: int) -> list[list[int]]:
-        """Consecutive, non-overlapping windows of ``size`` tokens."""
-        return [self.ids[i : i + size] for i in range(0, len(self.ids) - size + 1, size)]
+    source: str  # what verify.json names as the text (verify.py cuts the ids into windows)
 
 
 def heldout_tokens(eval_text: Path | None, heldout_bin: Path | None, tokenizer, limit: int) -> HeldoutTokens:

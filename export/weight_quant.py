@@ -9,9 +9,10 @@ channels (per output row) is quantized by trying a range of scales, refitting th
 by weighted least squares for the integer codes each one gives, and keeping the candidate with the least
 error weighted by the mean squared input of each channel on calibration text (:func:`input_importance`).
 
-On SmolLM2-135M (4-bit, blocks of 32, the tied embedding / lm_head at 8 bits) this takes the perplexity
-increase on held-out English from +34.7% (round-to-nearest, symmetric) to +18.4% (symmetric) and top-1
-agreement with fp32 from 0.64 to 0.72-0.75; docs/formats.md has the table.
+On SmolLM2-135M (4-bit, blocks of 32, the tied embedding / lm_head at 8 bits; held-out English, weights
+quantized in torch) this takes the perplexity increase from +34.7% (round-to-nearest, symmetric) to +7.3%
+(symmetric) and +10.5% (asymmetric), and top-1 agreement with fp32 from 0.64 to 0.73-0.76;
+bench/results/real_model_quantization.md has the table.
 
 The result is codes, scales and zero points in the layouts the exporters write: onnxruntime's
 MatMulNBits (unsigned codes, integer zero points) and torchao's IntxUnpackedToInt8Tensor, which
