@@ -20,7 +20,7 @@ from .oneshot import calibrate, one_shot_prune
 from .pruner import Pruner
 from .saliency import SaliencyTracker
 from .schedule import ParameterBudget
-from .selection import select_groups
+from .selection import check_uniform, select_groups
 from .surgery import Removal, apply_surgery
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "SaliencyTracker",
     "apply_surgery",
     "calibrate",
+    "check_uniform",
     "enumerate_groups",
     "one_shot_prune",
     "select_groups",

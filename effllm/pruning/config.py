@@ -47,6 +47,13 @@ stem_price = 1.0
     estimate overprices it by a further ~3x relative to FFN channels (the group-level Fisher and a
     single-cut estimate do not fix that). Values < 1 prune the hidden size earlier; 1 keeps the
     estimate as it is. The method study measures what ~0.3 (the measured overpricing) does.
+shape = "irregular"
+    Saliency designs each layer's shape, as in the paper. "uniform" removes the same groups' worth
+    from every layer at once (each layer's least salient KV group, or its least salient FFN
+    channels, chosen per layer by rank, priced by their summed saliency per parameter against the
+    other moves), so every layer keeps one head count and FFN width and at least one KV group and
+    one FFN granule: the result is a plain Llama / Qwen2 checkpoint that stock transformers, vLLM
+    and llama.cpp's llama architecture run. The stem is global under both.
 obs_damping = 0.01
     lambda = 1% of the mean diagonal of H = 2 X^T X (as in SparseGPT).
 
@@ -63,6 +70,7 @@ from dataclasses import asdict, dataclass
 WEIGHT_UPDATES = ("none", "obs")
 FISHER_ESTIMATES = ("per_token", "group", "minibatch")
 TAYLOR_ORDERS = (1, 2)
+SHAPES = ("irregular", "uniform")
 
 
 @dataclass
@@ -77,6 +85,7 @@ class PruningConfig:
     fisher: str = "per_token"
     taylor_order: int = 2
     stem_price: float = 1.0
+    shape: str = "irregular"
 
     def __post_init__(self) -> None:
         if int(self.granularity) < 1:
@@ -97,11 +106,20 @@ class PruningConfig:
             raise ValueError(f"stem_price must be > 0 (got {self.stem_price}); 1 prices hidden channels as measured")
         if self.obs_damping <= 0:
             raise ValueError(f"obs_damping must be > 0 (got {self.obs_damping})")
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES} (got {self.shape!r}); 'uniform' keeps every layer alike")
         self.granularity = int(self.granularity)
 
     def hidden_floor(self) -> int:
         """The smallest hidden size selection may leave: the floor, and never less than one granule."""
         return max(self.min_hidden_size or 0, 1)
+
+    def layer_floors(self, group_size: int) -> tuple[int, int]:
+        """(query heads, FFN channels) every layer keeps. Under shape "uniform" at least one KV group and
+        one FFN channel too: a plain Llama layer has both."""
+        if self.shape == "uniform":
+            return max(self.min_heads_per_layer, group_size), max(self.min_ffn_per_layer, 1)
+        return self.min_heads_per_layer, self.min_ffn_per_layer
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -110,7 +128,7 @@ class PruningConfig:
 DEFAULTS_HELP = (
     "Defaults: granularity 1 (single channels, as in the paper); ema_beta 0.99 (~100-step saliency average); "
     "no per-layer floors (min heads 0, min FFN 0: saliency designs the architecture, layers may become "
-    "FFN-only or attention-only); no hidden floor beyond one granule; Fisher term per token (the squared "
+    "FFN-only or attention-only; shape 'irregular', per-layer shapes from saliency); no hidden floor beyond one granule; Fisher term per token (the squared "
     "mini-batch gradient times the tokens it averages, i.e. the empirical Fisher); weight update 'none' (OBS costs a "
     "forward and a Hessian inversion per prune step and is unproven while training continues). The last "
     "hidden granule and the model's last attention group are never removed."

@@ -171,12 +171,13 @@ def floor_shapes(shapes: ModelShapes, cfg) -> ModelShapes:
     out = shapes.copy()
     n = cfg.granularity
     for i in range(out.num_layers):
+        min_heads, min_ffn = cfg.layer_floors(out.group_size(i))
         k = out.kv_heads[i]
         if k:
             g = out.group_size(i)
-            keep = k if out.heads[i] <= cfg.min_heads_per_layer else -(-cfg.min_heads_per_layer // g)
+            keep = k if out.heads[i] <= min_heads else -(-min_heads // g)
             out.kv_heads[i], out.heads[i] = keep, keep * g
-        out.ffn[i] = floor_width(out.ffn[i], cfg.min_ffn_per_layer, n)
+        out.ffn[i] = floor_width(out.ffn[i], min_ffn, n)
     out.hidden = floor_width(out.hidden, cfg.hidden_floor(), n)
     if sum(out.kv_heads) == 0 and sum(shapes.kv_heads) > 0:
         # The last attention group of the model stays: keep the cheapest one.

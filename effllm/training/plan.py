@@ -97,6 +97,13 @@ def plan_run(cfg: TrainConfig, model, saved: Plan | None, pruning_cfg, world_siz
                 f"resume with the same batch size, sequence length, accumulation and number of processes"
             )
         return saved
+    if pruning_cfg.shape == "uniform":
+        from effllm.pruning import ModelShapes, check_uniform
+
+        try:
+            check_uniform(ModelShapes.from_config(model.config))
+        except ValueError as err:
+            raise TrainError(f"--shape uniform: {err}") from None
     source_params = count_parameters(model.config).total
     min_params = None
     if cfg.target_params is not None:

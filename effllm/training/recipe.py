@@ -109,6 +109,14 @@ class TrainConfig:
         "(int8 fallbacks) and llama.cpp q4_0 87 MiB instead of 61 (f16 fallbacks). Default 1: single channels, as "
         "in the paper",
     )
+    shape: str = _f(
+        "irregular",
+        "irregular: saliency gives every layer its own heads and FFN width (the method). uniform: every layer "
+        "loses the same groups (each layer's least salient, priced together), so the result also saves as a "
+        "plain Llama/Qwen2 in <out>/model-plain that stock transformers (no trust_remote_code), vLLM and "
+        "llama.cpp's llama architecture run; pick it when the target server needs one shape for all layers",
+        choices=["irregular", "uniform"],
+    )
     weight_update: str = _f("none", "local second-order weight update when a group is removed", choices=["none", "obs"])
     obs_damping: float = _f(0.01, "with --weight-update obs: damping lambda as a fraction of the mean Hessian diagonal")
     ema_beta: float = _f(0.99, "decay of the saliency moving averages (per optimizer step)")

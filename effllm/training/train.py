@@ -243,6 +243,17 @@ def run_loop(state: RunState) -> int:
 
 
 # ---- the result -----------------------------------------------------------------------------------
+def save_plain(model, tokenizer, out: Path) -> Path:
+    """<out>/model-plain: the uniform result as a stock Llama/Qwen2 checkpoint (no trust_remote_code)."""
+    from effllm.model.plain import to_plain
+
+    plain_dir = out / "model-plain"
+    with staged_dir(plain_dir) as tmp:
+        to_plain(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return plain_dir
+
+
 def finish(state: RunState) -> dict:
     """The last checkpoint, the final model in <out>/model, results.json and the report (rank 0)."""
     from effllm.data.token_batches import unigram_perplexity
@@ -258,6 +269,7 @@ def finish(state: RunState) -> dict:
         with staged_dir(model_dir) as tmp:
             model.save_pretrained(tmp)
             state.tokenizer.save_pretrained(tmp)
+        plain_dir = save_plain(model, state.tokenizer, state.out) if cfg.shape == "uniform" else None
         phase_speed = {k: v[1] / v[0] for k, v in ledger["phase_time"].items() if v[0] > 0}
         result = {
             "source": plan.source,
@@ -278,6 +290,7 @@ def finish(state: RunState) -> dict:
             "decisions_digest": ledger["decisions_digest"],
             "weights_digest": weights_digest,
             "model_dir": str(model_dir),
+            "plain_model_dir": str(plain_dir) if plain_dir else None,
         }
         write_json_atomic(state.out / "results.json", result)
         from effllm.training.report import write_report
@@ -289,6 +302,8 @@ def finish(state: RunState) -> dict:
             f"unigram baseline {unigram:.2f}"
         )
         print(f"model: {model_dir}   report: {state.out / 'summary.md'}")
+        if plain_dir:
+            print(f"plain {model.config.layer_shapes()[0]} checkpoint for stock transformers / vLLM: {plain_dir}")
     D.barrier(info)
     return result
 
