@@ -250,13 +250,13 @@ def test_generate_runs_the_gguf_export_in_llamacpp(tokenizer, capsys):
 
 
 def test_a_model_llamacpp_cannot_express_exits_2_and_leaves_out_untouched(tokenizer, tmp_path):
-    model = tiny_model(num_hidden_layers=2, attention_bias=True)
+    model = tiny_model(num_hidden_layers=2, hidden_act="gelu")
     model_dir = save_model_dir(model, tokenizer, tmp_path / "model")
     out = tmp_path / "out"
     (out / "gguf").mkdir(parents=True)
     (out / "gguf" / "model.gguf").write_bytes(b"an earlier export")
     code, stdout, stderr = run_cli([model_dir, "--format", "gguf", "--out", out])
     assert code == 2
-    assert len(stderr.strip().splitlines()) == 1 and "cannot express attention or MLP biases" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "cannot express the 'gelu' activation" in stderr
     assert sorted(p.name for p in out.rglob("*")) == ["gguf", "model.gguf"]
     assert (out / "gguf" / "model.gguf").read_bytes() == b"an earlier export"
