@@ -80,12 +80,11 @@ def check_gguf_expressible(config, model_dir: Path) -> str:
     if rope_type not in ("default", "linear"):
         raise EffllmError(
             f"{where} cannot express {rope_type} RoPE (llama.cpp's deci architecture takes default or linear "
-            "RoPE scaling here); export another --format, or re-save the model with default or linear RoPE"
+            "RoPE scaling here); re-save the model with default or linear RoPE"
         )
     if config.hidden_act != "silu":
         raise EffllmError(
-            f"{where} cannot express the {config.hidden_act!r} activation (llama.cpp's deci FFN is SwiGLU with SiLU); "
-            "export another --format"
+            f"{where} cannot express the {config.hidden_act!r} activation (llama.cpp's deci FFN is SwiGLU with SiLU)"
         )
     return pre_tokenizer_name(model_dir)
 
@@ -100,7 +99,7 @@ def pre_tokenizer_name(model_dir: Path) -> str:
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise EffllmError(
             f"{model_dir}: --format gguf writes byte-level BPE tokenizers only (this one is a {model.get('type')} "
-            f"with a {decoder.get('type')} decoder); export another --format"
+            f"with a {decoder.get('type')} decoder)"
         )
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     signature = tuple(s.get("type") for s in steps)
@@ -110,8 +109,7 @@ def pre_tokenizer_name(model_dir: Path) -> str:
     if name is None:
         raise EffllmError(
             f"{model_dir}: --format gguf does not know llama.cpp's counterpart of the pre-tokenizer "
-            f"{'+'.join(map(str, signature))} (known: ByteLevel with GPT-2's regex, alone or after single Digits); "
-            "export another --format"
+            f"{'+'.join(map(str, signature))} (known: ByteLevel with GPT-2's regex, alone or after single Digits)"
         )
     return name
 
