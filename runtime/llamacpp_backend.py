@@ -4,6 +4,9 @@ We drive llama.h's functions ourselves (model, context, batch, logits) rather th
 high-level Llama class, because verification needs every position's logits and a cache that continues
 at start_pos. The KV cache is llama.cpp's own (one sequence); ``start_pos == 0`` clears it.
 
+Any GGUF file runs, whatever its name or writer: :class:`GgufTokenizer` is the tokenizer inside it (for files
+without effllm's tokenizer.json beside them), through llama.cpp's own tokenize / token_to_piece.
+
 The cache type: llama.cpp's default is F16 (what laptop users run: ollama, LM Studio), which moves logits
 by about 1e-3; ``kv_cache="f32"`` matches torch to ~1e-5 and is what export verification uses.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +65,9 @@ class LlamaCppBackend(Backend):
         path = Path(path)
         model_file = path / GGUF_FILE if path.is_dir() else path
         if not model_file.is_file():
-            raise GenerationError(f"no {GGUF_FILE} at {path}; give a GGUF variant directory written by effllm-export")
+            raise GenerationError(
+                f"no {GGUF_FILE} at {path}; give a .gguf file or a GGUF variant directory written by effllm-export"
+            )
         if kv_cache not in KV_CACHE_TYPES:
             raise GenerationError(f"unknown KV cache type {kv_cache!r}; choose one of {', '.join(KV_CACHE_TYPES)}")
         self.path = model_file
@@ -118,12 +124,13 @@ class LlamaCppBackend(Backend):
         logits = api.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(logits, shape=(n, self.vocab_size)).copy()
 
-    def tokenize(self, text: str) -> list[int]:
-        """llama.cpp's own token ids for ``text`` (no BOS/EOS added, special tokens not parsed)."""
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """llama.cpp's own token ids for ``text`` (special tokens not parsed); add_special: the BOS/EOS the
+        file asks for (tokenizer.ggml.add_bos_token), as llama.cpp's tools add them to a prompt."""
         data = text.encode("utf-8")
-        room = len(data) + 8  # byte-level BPE: at most one token per byte
+        room = len(data) + 8  # byte-level BPE: at most one token per byte (+ BOS/EOS)
         ids = (ctypes.c_int32 * room)()
-        n = self._api.llama_tokenize(self.vocab, data, len(data), ids, room, False, False)
+        n = self._api.llama_tokenize(self.vocab, data, len(data), ids, room, add_special, False)
         if n < 0:
             raise RuntimeError(f"llama_tokenize needs {-n} tokens, had room for {room}")
         return list(ids[:n])
@@ -140,6 +147,34 @@ class LlamaCppBackend(Backend):
         if self.model:
             api.llama_model_free(self.model)
         self.ctx = self.model = None
+
+
+@dataclass
+class Encoding:
+    ids: list[int]
+
+
+class GgufTokenizer:
+    """The tokenizer inside a GGUF file, with what the generator uses of tokenizers.Tokenizer (encode().ids,
+    decode): llama.cpp tokenizes and detokenizes, so a foreign file's text is what llama.cpp would make of it."""
+
+    def __init__(self, backend: LlamaCppBackend):
+        self.backend = backend
+
+    def encode(self, text: str) -> Encoding:
+        return Encoding(self.backend.tokenize(text, add_special=True))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        api, vocab = self.backend._api, self.backend.vocab
+        buffer = ctypes.create_string_buffer(256)
+        pieces = []
+        for token in ids:
+            n = api.llama_token_to_piece(vocab, int(token), buffer, len(buffer), 0, not skip_special_tokens)
+            if n < 0:
+                raise RuntimeError(f"llama_token_to_piece needs {-n} bytes for token {token}")
+            pieces.append(buffer.raw[:n])
+        # bytes joined first: a character split between tokens decodes whole (a cut one as U+FFFD, for now)
+        return b"".join(pieces).decode("utf-8", "replace")
 
 
 def _token_or_none(token: int) -> int | None:
