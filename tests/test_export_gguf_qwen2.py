@@ -51,6 +51,36 @@ def exported(name: str, tokenizer, dtype: str = "f32", **extra):
     return model, key / "model.gguf"
 
 
+def test_a_transformers_qwen2_runs_in_llamacpp_as_it_does_in_transformers(tokenizer, tmp_path):
+    """Qwen2ForCausalLM itself (random, untied), imported by effllm and exported: llama.cpp's logits are
+    transformers' own, to fp32 tolerance."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from effllm.model.convert import from_source_model
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=80, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    source = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            param.uniform_(0.5, 1.5) if "norm" in name else param.normal_(0, BIAS_STD if name.endswith("bias") else 0.1)
+    model = from_source_model(source)
+    assert model.config.attention_bias and not model.config.tie_word_embeddings
+    path = export_gguf(model, tmp_path, 64, save_model_dir(model, tokenizer, tmp_path / "model"), dtype="f32")
+    backend = LlamaCppBackend(path, threads=1, kv_cache="f32")
+    try:
+        for text in PROMPTS:
+            ids = tokenizer(text)["input_ids"]
+            with torch.no_grad():
+                reference = source(torch.tensor([ids])).logits[0].numpy()
+            assert np.abs(backend.forward_all(ids, 0) - reference).max() <= max_logit_diff("fp32", reference), text
+    finally:
+        backend.close()
+
+
 def test_biases_are_written_in_llamacpp_row_order(tokenizer):
     model, path = exported("irregular", tokenizer)
     tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
