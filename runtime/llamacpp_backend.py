@@ -26,19 +26,20 @@ from .native import quiet_native_output
 
 GGUF_FILE = "model.gguf"
 KV_CACHE_TYPES = {"f16": 1, "f32": 0}  # ggml_type values of the KV cache
-_log: dict = {}  # the log callback (must outlive every call into llama.cpp) and llama.cpp's last error
+_log: dict = {"errors": []}  # the log callback (must outlive every call into llama.cpp), llama.cpp's errors
+MAX_ERRORS = 16
 
 
 def llama_api():
     """llama-cpp-python's low-level module, initialised once; llama.cpp's log goes nowhere but its last error."""
     import llama_cpp
 
-    if not _log:
+    if "callback" not in _log:
         # llama.cpp logs every load and every quantized tensor to stderr; effllm's commands print their own
-        # lines, and quote llama.cpp's last error when something fails.
+        # lines, and quote llama.cpp's first error when something fails.
         def keep_errors(level, text, _user):
-            if level == 4 and text:  # GGML_LOG_LEVEL_ERROR
-                _log["last_error"] = text.decode("utf-8", "replace").strip()
+            if level == 4 and text and len(_log["errors"]) < MAX_ERRORS:  # GGML_LOG_LEVEL_ERROR
+                _log["errors"].append(text.decode("utf-8", "replace").strip())
 
         _log["callback"] = llama_cpp.llama_log_callback(keep_errors)
         llama_cpp.llama_log_set(_log["callback"], ctypes.c_void_p(0))
@@ -46,9 +47,16 @@ def llama_api():
     return llama_cpp
 
 
-def last_error() -> str:
-    """llama.cpp's last logged error (one line), for our own messages."""
-    return _log.get("last_error", "no reason logged")
+def clear_errors() -> None:
+    """Forget llama.cpp's earlier errors: call before the call whose failure first_error() should explain."""
+    _log["errors"] = []
+
+
+def first_error() -> str:
+    """llama.cpp's first error since clear_errors() (one line): the cause, where later lines only say that
+    the load failed ("check_tensor_dims: tensor 'blk.1.attn_q.weight' has wrong shape" before "failed to load
+    model")."""
+    return _log["errors"][0] if _log["errors"] else "no reason logged"
 
 
 class LlamaCppBackend(Backend):
@@ -76,10 +84,11 @@ class LlamaCppBackend(Backend):
         # No extra CPU buffer types (AMX / repacked weights): on this project's machines the CPU reports AMX, and
         # llama.cpp's AMX kernels die there with SIGILL on the first quantized matmul (measured on Q8_0).
         model_params.use_extra_bufts = extra_buffers
+        clear_errors()
         with quiet_native_output():
             self.model = api.llama_model_load_from_file(str(model_file).encode(), model_params)
         if not self.model:
-            raise GenerationError(f"llama.cpp cannot load {model_file}: {last_error()}")
+            raise GenerationError(f"llama.cpp cannot load {model_file}: {first_error()}")
         self.vocab = api.llama_model_get_vocab(self.model)
         self.vocab_size = int(api.llama_vocab_n_tokens(self.vocab))
         self.max_seq_len = int(api.llama_model_n_ctx_train(self.model))
@@ -93,11 +102,12 @@ class LlamaCppBackend(Backend):
         params.type_k = params.type_v = KV_CACHE_TYPES[kv_cache]
         params.flash_attn_type = 0  # off: the plain attention path, exact with an F32 cache
         params.no_perf = True
+        clear_errors()
         with quiet_native_output():
             self.ctx = api.llama_init_from_model(self.model, params)
         if not self.ctx:
             self.close()
-            raise GenerationError(f"llama.cpp cannot create a context for {model_file}: {last_error()}")
+            raise GenerationError(f"llama.cpp cannot create a context for {model_file}: {first_error()}")
         self.batch = api.llama_batch_init(self.max_seq_len, 0, 1)
         self.position = 0
 
@@ -117,9 +127,10 @@ class LlamaCppBackend(Backend):
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = 1  # every position's logits (forward_all's contract)
+        clear_errors()
         code = api.llama_decode(self.ctx, batch)
         if code != 0:
-            raise RuntimeError(f"llama_decode failed with code {code}: {last_error()}")
+            raise RuntimeError(f"llama_decode failed with code {code}: {first_error()}")
         self.position = start_pos + n
         logits = api.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(logits, shape=(n, self.vocab_size)).copy()

@@ -148,3 +148,16 @@ def test_cli_exports_and_verifies_a_qwen2_style_model(tokenizer, tmp_path):
     assert variant["passed"], variant["failures"]
     assert variant["quantization"] == "f16" and variant["max_rel_logit_diff"] <= MAX_REL_LOGIT_DIFF["f16"]
     assert variant["greedy_equal_prompts"] == variant["prompts"]
+
+
+def test_llamacpps_own_qwen2_architecture_refuses_per_layer_shapes(tokenizer, tmp_path, monkeypatch):
+    """Why the file says deci: the same irregular tensors declared as llama.cpp's qwen2 do not load (its loader
+    sizes every layer by layer 0's counts), and the error names the cause, not only that the load failed."""
+    from effllm.export import gguf_export
+    from effllm.runtime.backend import GenerationError
+
+    monkeypatch.setattr(gguf_export, "ARCH", "qwen2")
+    model = biased_model("ffn_after_attention")  # heads 4, 2, 6: layer 1 differs from layer 0
+    path = export_gguf(model, tmp_path, 64, save_model_dir(model, tokenizer, tmp_path / "model"), dtype="f32")
+    with pytest.raises(GenerationError, match="check_tensor_dims: tensor 'blk.1.attn_q.weight' has wrong shape"):
+        LlamaCppBackend(path, threads=1)
