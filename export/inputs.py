@@ -64,9 +64,10 @@ def resolve_plan(args) -> Plan:
     if "gguf" in formats:
         # Refused, not left out: an exit code 0 would tell a script that every format it asked for exists.
         problem = gguf_unavailable(config, model_dir)
-        others = " ".join(f for f in formats if f != "gguf")
         if problem:
-            raise EffllmError(f"{problem}; {'to export the rest, leave GGUF out: --format ' + others if others else 'export another --format'}")
+            others = " ".join(f for f in formats if f != "gguf")
+            remedy = f"to export the rest, leave GGUF out: --format {others}" if others else "export another --format"
+            raise EffllmError(f"{problem}; {remedy}")
     gguf_dtype = getattr(args, "gguf_dtype", "f16")
     variants = [Variant(fmt, fmt, "f16" if fmt == "gguf" and gguf_dtype == "f16" else "fp32") for fmt in formats]
     methods = [q for q in args.quantize if q != "none"]
