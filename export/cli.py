@@ -6,7 +6,8 @@ Output layout (one self-contained directory per variant, so each can be copied o
     OUT/onnx-int4/          the same, int4 weight-only (MatMulNBits)
     OUT/executorch/         model.pte (XNNPACK), tokenizer.json (runs in ExecuTorch's TextLLMRunner)
     OUT/executorch-8da4w/   the same, 8-bit dynamic activations / 4-bit weights
-    OUT/gguf/               model.gguf (llama.cpp arch "deci", f16 or f32), tokenizer.json (runs in llama.cpp, ollama)
+    OUT/gguf/               model.gguf (llama.cpp arch "deci", Qwen2's biases included; f16 or f32), tokenizer.json
+                            (runs in llama.cpp, ollama)
     OUT/gguf-q8_0/, gguf-q4_0/, gguf-q4_k_m/   the same, quantized by llama.cpp's own quantizer
     OUT/verify.json, OUT/verify.md   the parity checks (see verify.py)
 
@@ -53,9 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--format",
+        nargs="+",
         choices=("onnx", "executorch", "gguf", "all"),
-        default="all",
-        help="which format(s) to export (default: all)",
+        default=["all"],
+        help="which format(s) to export, one or more; all = onnx executorch gguf (default: all). A named format "
+        "this model or install cannot take (GGUF without llama.cpp installed, or a model llama.cpp cannot "
+        "express) stops the command before anything is written, with exit code 2 and the reason; "
+        "--format onnx executorch leaves GGUF out",
     )
     parser.add_argument(
         "--out",

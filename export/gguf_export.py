@@ -6,8 +6,11 @@ means the layer has no attention / no FFN. That is exactly effllm's per-layer sh
 needs no padding to a uniform one. What else the file must say (docs/formats.md, "GGUF"):
   * the head size explicitly (`attention.key_length` / `value_length`): llama.cpp's default is
     n_embd / n_head(layer 0), which pruning makes meaningless; `rope.dimension_count` equal to it;
-  * q/k rows permuted per head from Hugging Face's rotate_half RoPE layout (pairs i, i + d/2) to
-    llama.cpp's interleaved one (pairs 2i, 2i + 1): deci uses llama.cpp's "NORM" RoPE;
+  * q/k rows (and their biases) permuted per head from Hugging Face's rotate_half RoPE layout (pairs i,
+    i + d/2) to llama.cpp's interleaved one (pairs 2i, 2i + 1): deci uses llama.cpp's "NORM" RoPE;
+  * Qwen2's q/k/v biases and MLP biases as `blk.N.attn_q.bias`, ..., `ffn_down.bias`: deci's graph adds
+    each one when the layer has it (llama.cpp's own qwen2 architecture cannot serve a pruned model: its
+    loader sizes every layer's tensors by layer 0's head and FFN counts; docs/formats.md, "GGUF");
   * the byte-level BPE tokenizer as `tokenizer.ggml.model` "gpt2" with the pre-tokenizer that splits
     text as the Hugging Face one does (PRE_TOKENIZERS), so llama.cpp produces the same token ids.
 
@@ -15,7 +18,7 @@ Stand-ins (STANDINS): llama.cpp's deci graph mishandles some zero-width blocks, 
 with blocks that add exactly zero to the residual stream (all-zero weights): see STANDINS for which and why.
 The verification (verify.py) checks the file in llama.cpp against torch, stand-ins included.
 
-Anything llama.cpp's deci path cannot express (RoPE scaling other than linear, biases, an activation
+Anything llama.cpp's deci path cannot express (RoPE scaling other than linear, an activation
 other than SiLU, a tokenizer whose splitting has no llama.cpp counterpart) is refused up front by
 :func:`check_gguf_expressible`, with a one-line EffllmError.
 """
@@ -77,17 +80,11 @@ def check_gguf_expressible(config, model_dir: Path) -> str:
     if rope_type not in ("default", "linear"):
         raise EffllmError(
             f"{where} cannot express {rope_type} RoPE (llama.cpp's deci architecture takes default or linear "
-            "RoPE scaling here); export another --format, or re-save the model with default or linear RoPE"
-        )
-    if config.attention_bias or config.mlp_bias:
-        raise EffllmError(
-            f"{where} cannot express attention or MLP biases (llama.cpp's deci architecture has none); "
-            "export another --format"
+            "RoPE scaling here); re-save the model with default or linear RoPE"
         )
     if config.hidden_act != "silu":
         raise EffllmError(
-            f"{where} cannot express the {config.hidden_act!r} activation (llama.cpp's deci FFN is SwiGLU with SiLU); "
-            "export another --format"
+            f"{where} cannot express the {config.hidden_act!r} activation (llama.cpp's deci FFN is SwiGLU with SiLU)"
         )
     return pre_tokenizer_name(model_dir)
 
@@ -102,7 +99,7 @@ def pre_tokenizer_name(model_dir: Path) -> str:
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise EffllmError(
             f"{model_dir}: --format gguf writes byte-level BPE tokenizers only (this one is a {model.get('type')} "
-            f"with a {decoder.get('type')} decoder); export another --format"
+            f"with a {decoder.get('type')} decoder)"
         )
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     signature = tuple(s.get("type") for s in steps)
@@ -112,8 +109,7 @@ def pre_tokenizer_name(model_dir: Path) -> str:
     if name is None:
         raise EffllmError(
             f"{model_dir}: --format gguf does not know llama.cpp's counterpart of the pre-tokenizer "
-            f"{'+'.join(map(str, signature))} (known: ByteLevel with GPT-2's regex, alone or after single Digits); "
-            "export another --format"
+            f"{'+'.join(map(str, signature))} (known: ByteLevel with GPT-2's regex, alone or after single Digits)"
         )
     return name
 
@@ -140,13 +136,15 @@ def gguf_layers(shapes: list[tuple[int, int, int]], standins=tuple(STANDINS)) ->
 
 def rope_rows_to_interleaved(weight: np.ndarray, heads: int) -> np.ndarray:
     """q_proj/k_proj rows from rotate_half order (pairs i, i + d/2) to llama.cpp's NORM order (2i, 2i + 1)."""
-    rows, cols = weight.shape
+    rows = weight.shape[0]
     head_dim = rows // heads
-    return weight.reshape(heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    rest = weight.shape[1:]  # () for a bias: its entries move with their rows
+    return weight.reshape(heads, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
 def layer_tensors(state: dict, i: int, layer: GgufLayer, hidden: int, head_dim: int):
-    """(Hugging Face name, array) of layer i; stand-ins are all-zero (norm weights one)."""
+    """(Hugging Face name, array) of layer i; stand-ins are all-zero (norm weights one) and have no biases
+    (deci's loader takes biases per layer, so a stand-in without them still adds exactly zero)."""
     prefix = f"model.layers.{i}."
     if "attention_layer0" in layer.standins:
         zero = np.zeros((head_dim, hidden), np.float32)
@@ -158,11 +156,10 @@ def layer_tensors(state: dict, i: int, layer: GgufLayer, hidden: int, head_dim: 
         heads = {"q_proj": layer.heads, "k_proj": layer.kv_heads}
         yield prefix + "input_layernorm.weight", state[prefix + "input_layernorm.weight"]
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            weight = state[prefix + f"self_attn.{name}.weight"]
-            yield (
-                prefix + f"self_attn.{name}.weight",
-                rope_rows_to_interleaved(weight, heads[name]) if name in heads else weight,
-            )
+            for kind in ("weight", "bias"):
+                key = prefix + f"self_attn.{name}.{kind}"
+                if key in state:  # a bias only with attention_bias (Qwen2's q/k/v; o_proj never has one)
+                    yield key, rope_rows_to_interleaved(state[key], heads[name]) if name in heads else state[key]
     if any(s.startswith("ffn_") for s in layer.standins):
         zero = np.zeros((layer.ffn, hidden), np.float32)
         yield prefix + "post_attention_layernorm.weight", np.ones(hidden, np.float32)
@@ -172,7 +169,10 @@ def layer_tensors(state: dict, i: int, layer: GgufLayer, hidden: int, head_dim: 
     elif layer.ffn:
         yield prefix + "post_attention_layernorm.weight", state[prefix + "post_attention_layernorm.weight"]
         for name in ("gate_proj", "up_proj", "down_proj"):
-            yield prefix + f"mlp.{name}.weight", state[prefix + f"mlp.{name}.weight"]
+            for kind in ("weight", "bias"):
+                key = prefix + f"mlp.{name}.{kind}"
+                if key in state:  # a bias only with mlp_bias
+                    yield key, state[key]
 
 
 # ---- the file ---------------------------------------------------------------------------------------
@@ -223,8 +223,8 @@ def export_gguf(
         tensors.append(("lm_head.weight", state["lm_head.weight"]))
     weight_dtype = np.float16 if dtype == "f16" else np.float32
     for hf_name, array in tensors:
-        name = names.get_name(hf_name, try_suffixes=(".weight",))
-        # Norm weights stay f32 (llama.cpp's convention; they are tiny and feed every activation).
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        # Norm weights and biases stay f32 (llama.cpp's convention; they are tiny and feed every activation).
         writer.add_tensor(name, np.ascontiguousarray(array, np.float32 if array.ndim == 1 else weight_dtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

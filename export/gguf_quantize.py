@@ -64,7 +64,7 @@ def quantize_gguf(
     importance: {Linear name: mean squared input per channel} handed to llama.cpp's quantizer as its
     importance matrix (its k-quants and q4_0 then weigh each weight's error by its input's energy).
     """
-    from effllm.runtime.llamacpp_backend import last_error, llama_api
+    from effllm.runtime.llamacpp_backend import clear_errors, first_error, llama_api
 
     from .onnx_export import copy_tokenizer_files
 
@@ -83,9 +83,10 @@ def quantize_gguf(
             entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             entry.size = values.size
         params.imatrix = entries
+    clear_errors()
     code = api.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if code != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {src} to {method} (code {code}): {last_error()}")
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {method} (code {code}): {first_error()}")
     copy_tokenizer_files(src_dir, out_dir)
     return dst
 

@@ -7,7 +7,7 @@ unwritable output) is checked here, before any slow work starts; the message nam
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from effllm.runtime.model_files import WEIGHT_FILES, sibling_export
@@ -44,7 +44,6 @@ class Plan:
     eval_text: Path | None  # --eval-text (UTF-8)
     heldout_bin: Path | None  # else effllm-train's held-out token ids, if found
     gguf_dtype: str = "f16"  # weights of the gguf variant (the quantized ones are made from it)
-    notes: list[str] = field(default_factory=list)  # said before the export starts (e.g. a format left out)
 
 
 def resolve_plan(args) -> Plan:
@@ -61,14 +60,14 @@ def resolve_plan(args) -> Plan:
         out = Path(args.out) if args.out else sibling_export(model_dir)
     config = check_model_dir(model_dir)
 
-    formats = FORMATS if args.format == "all" else (args.format,)
-    notes = []
-    gguf_problem = gguf_unavailable(config, model_dir) if "gguf" in formats else None
-    if gguf_problem and args.format == "gguf":
-        raise EffllmError(gguf_problem)
-    if gguf_problem:  # --format all: the other formats still serve this model
-        formats = tuple(f for f in formats if f != "gguf")
-        notes.append(f"gguf left out: {gguf_problem}")
+    formats = FORMATS if "all" in args.format else tuple(f for f in FORMATS if f in args.format)
+    if "gguf" in formats:
+        # Refused, not left out: an exit code 0 would tell a script that every format it asked for exists.
+        problem = gguf_unavailable(config, model_dir)
+        if problem:
+            others = " ".join(f for f in formats if f != "gguf")
+            remedy = f"to export the rest, leave GGUF out: --format {others}" if others else "export another --format"
+            raise EffllmError(f"{problem}; {remedy}")
     gguf_dtype = getattr(args, "gguf_dtype", "f16")
     variants = [Variant(fmt, fmt, "f16" if fmt == "gguf" and gguf_dtype == "f16" else "fp32") for fmt in formats]
     methods = [q for q in args.quantize if q != "none"]
@@ -76,11 +75,10 @@ def resolve_plan(args) -> Plan:
         methods = [q for q, fmt in QUANTIZATIONS.items() if fmt in formats]
     for method in dict.fromkeys(methods):
         fmt = QUANTIZATIONS[method]
-        if fmt == "gguf" and gguf_problem:
-            raise EffllmError(f"--quantize {method}: {gguf_problem}")
         if fmt not in formats:
             raise EffllmError(
-                f"--quantize {method} applies to {fmt}, which --format {args.format} leaves out; add --format {fmt} or all"
+                f"--quantize {method} applies to {fmt}, which --format {' '.join(args.format)} leaves out; "
+                f"add {fmt} to --format, or use --format all"
             )
         variants.append(Variant(f"{fmt}-{method}", fmt, method))
 
@@ -103,8 +101,7 @@ def resolve_plan(args) -> Plan:
         heldout_bin = find_train_heldout(model_dir, config.vocab_size)
     check_writable(out)
     return Plan(
-        model_dir, out, variants, max_seq_len, args.group_size, not args.no_verify, eval_text, heldout_bin, gguf_dtype,
-        notes,
+        model_dir, out, variants, max_seq_len, args.group_size, not args.no_verify, eval_text, heldout_bin, gguf_dtype
     )  # fmt: skip
 
 

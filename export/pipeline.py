@@ -93,8 +93,6 @@ def run_export(plan: Plan) -> int:
     from .quantize import quantize_onnx_dir
 
     say(f"effllm-export: {plan.model_dir} -> {plan.out} ({', '.join(v.name for v in plan.variants)})")
-    for note in plan.notes:
-        say(f"      {note}")
     with quiet_progress_bars():
         model = EfficientLLMForCausalLM.from_pretrained(plan.model_dir, dtype="float32").eval().requires_grad_(False)
     say(architecture_summary(model.config))

@@ -45,6 +45,19 @@ def quantization_of(variant: str) -> str:
     return variant.split("-", 1)[1] if "-" in variant else "fp32"
 
 
+def file_quantization(path: Path) -> str:
+    """A GGUF's weight type as its header names it (general.file_type: "q4_1", "f16", ...); "fp32" for other files."""
+    if path.suffix != ".gguf":
+        return "fp32"
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    name = gguf.LlamaFileType(int(field.contents())).name  # MOSTLY_Q4_1, ALL_F32
+    return name.split("_", 1)[1].lower()
+
+
 def plan_targets(
     model: str | Path, backends: list[str] | None = None, variants: list[str] | None = None, label: str = ""
 ) -> list[Target]:
@@ -61,8 +74,9 @@ def plan_targets(
         if missing:
             raise EffllmError(f"no variant {', '.join(missing)} in {model}; found: {', '.join(sorted(available))}")
     export_dir = None
-    if files.variants:
-        export_dir = str(next(iter(files.variants.values()))[1].parent)
+    dirs = [location for _, location in files.variants.values() if location.is_dir()]
+    if dirs:  # (a model file's own directory is no export: no verify.json to look for)
+        export_dir = str(dirs[0].parent)
     config_path = None
     if files.hf is not None:
         config_path = str(files.hf / "config.json")
@@ -80,14 +94,15 @@ def plan_targets(
                     Target(backend, "model", "fp32", str(path), model_bytes(path), label, config_path, export_dir)
                 )
             continue
-        for name, (vfmt, vdir) in files.variants.items():
+        for name, (vfmt, location) in files.variants.items():
             if vfmt != fmt or (variants and name not in variants):
                 continue
-            path = vdir / "model.pte" if fmt == "pte" else vdir
-            size = model_bytes(vdir / "model.pte") if fmt == "pte" else model_bytes(vdir)
-            targets.append(
-                Target(backend, name, quantization_of(name), str(path), size, label, config_path, export_dir)
-            )
+            if location.is_file():  # a model file not named as effllm-export names it
+                path, quantization = location, file_quantization(location)
+            else:
+                path, quantization = (location / "model.pte" if fmt == "pte" else location), quantization_of(name)
+            size = model_bytes(path if fmt == "pte" else location)
+            targets.append(Target(backend, name, quantization, str(path), size, label, config_path, export_dir))
     if not targets:
         raise EffllmError(
             f"nothing to benchmark in {model} for backends {', '.join(backends)}"

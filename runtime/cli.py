@@ -48,7 +48,8 @@ def generate_parser() -> CliParser:
         default=None,
         metavar="MODEL",
         help="a model directory (effllm-train), an export directory (effllm-export), one of its variant "
-        "directories, or a model.onnx / model.pte / model.gguf file; a model directory and its export find each other "
+        "directories, or a model file: model.onnx, model.pte, or any .gguf (one effllm did not write runs with the "
+        "tokenizer inside it, e.g. SmolLM2-135M-Instruct.Q4_1.gguf); a model directory and its export find each other "
         f"(runs/x/model <-> runs/x/export). Default: {DEFAULT_EXPORT}, else {DEFAULT_MODEL}",
     )
     parser.add_argument(
@@ -58,7 +59,8 @@ def generate_parser() -> CliParser:
         "--backend",
         choices=("auto", *BACKENDS),
         default="auto",
-        help="the runtime; auto = onnxruntime if MODEL has an ONNX export, else executorch, else torch",
+        help="the runtime; auto = onnxruntime if MODEL has an ONNX export, else executorch, else llamacpp (a GGUF), "
+        "else torch",
     )
     parser.add_argument(
         "--variant",
@@ -194,7 +196,8 @@ def bench_parser() -> CliParser:
         nargs="?",
         default=None,
         metavar="MODEL",
-        help=f"an export directory, a model directory, a variant directory or a run directory; default: "
+        help=f"an export directory, a model directory, a variant directory, a run directory or a model file "
+        f"(any .gguf included); default: "
         f"{DEFAULT_EXPORT}, else {DEFAULT_MODEL}",
     )
     parser.add_argument(

@@ -210,9 +210,13 @@ def load_generator(
         from .executorch_backend import RunnerGenerator
 
         return RunnerGenerator(located.path, located.tokenizer, threads=threads)
-    tokenizer = load_tokenizer(located.tokenizer)
+    tokenizer = load_tokenizer(located.tokenizer) if located.tokenizer is not None else None
     with quiet_native_output():
         loaded = load_backend(located.backend, located.path, threads)
+    if tokenizer is None:  # a GGUF effllm did not write: the tokenizer inside it
+        from .llamacpp_backend import GgufTokenizer
+
+        tokenizer = GgufTokenizer(loaded)
     return TextGenerator(loaded, tokenizer)
 
 

@@ -2,8 +2,9 @@
 
 MODEL may be a model directory (effllm-train: config.json, model.safetensors, tokenizer.json), an
 export directory (effllm-export: onnx/, onnx-int8/, onnx-int4/, executorch/, executorch-8da4w/, gguf/,
-gguf-q8_0/, ...), one variant directory of it, a model.onnx / model.pte / model.gguf file, or a run directory
-holding model/ and export/.
+gguf-q8_0/, ...), one variant directory of it, a model file (.onnx, .pte or .gguf, any name: a GGUF that
+effllm did not write, e.g. from ollama or the Hugging Face hub, runs with the tokenizer inside it), or a run
+directory holding model/ and export/.
 A model directory finds its export beside it (model -> export, as effllm-train and effllm-export lay
 them out, or DIR -> DIR-export) and vice versa. Standard library only.
 """
@@ -43,9 +44,10 @@ MODEL_BYTES_PREFIXES = (*VARIANT_FILES, "model.safetensors", "model-", "pytorch_
 @dataclass
 class Located:
     backend: str
-    path: Path  # what load_backend takes: model dir (torch), variant dir (onnx, genai, llamacpp), model.pte (executorch)
-    variant: str  # "model" for torch, else the export variant's directory name
-    tokenizer: Path  # tokenizer.json
+    path: Path  # what load_backend takes: model dir (torch), variant dir (onnx, genai, llamacpp), model.pte (executorch),
+    # or the model file itself when it is not named as effllm-export names it
+    variant: str  # "model" for torch, else the export variant's directory name (a foreign file: its name)
+    tokenizer: Path | None  # tokenizer.json; None: the tokenizer inside the model file (a foreign GGUF)
 
 
 @dataclass
@@ -53,7 +55,7 @@ class ModelFiles:
     """Everything found from one MODEL argument: the torch model dir and the export variants."""
 
     hf: Path | None = None
-    variants: dict[str, tuple[str, Path]] = field(default_factory=dict)  # name -> (format, variant dir)
+    variants: dict[str, tuple[str, Path]] = field(default_factory=dict)  # name -> (format, variant dir or file)
 
     def formats(self) -> set[str]:
         found = {fmt for fmt, _ in self.variants.values()}
@@ -104,14 +106,17 @@ def find_model_files(model: Path) -> ModelFiles:
     if not model.exists():
         raise GenerationError(
             f"{model} does not exist; give a model directory (effllm-train), an export directory "
-            "(effllm-export), one of its variant directories, or a model.onnx / model.pte / model.gguf file"
+            "(effllm-export), one of its variant directories, or a model file (model.onnx, model.pte, any .gguf)"
         )
     files = ModelFiles()
     if model.is_file():
         fmt = {Path(name).suffix: f for name, f in VARIANT_FILES.items()}.get(model.suffix)
         if fmt is None:
             raise GenerationError(f"{model} is not a .onnx, .pte or .gguf file; give a model or export directory")
-        files.variants[model.parent.name] = (fmt, model.parent)
+        if model.name in VARIANT_FILES:  # effllm-export's file: its variant directory, as when that is given
+            files.variants[model.parent.name] = (fmt, model.parent)
+        else:  # any other name (SmolLM2-135M-Instruct.Q4_1.gguf): the file itself
+            files.variants[model.name] = (fmt, model)
         return files
     fmt = variant_format(model)
     if fmt:
@@ -181,9 +186,13 @@ def locate(model: str | Path, backend: str = "auto", variant: str | None = None)
             f"--backend {backend} needs {what} and none was found from {model}; run effllm-export on the model "
             "directory first, or choose another --backend"
         )
-    vdir = candidates[name]
-    path = vdir / "model.pte" if fmt == "pte" else vdir
-    tokenizer = vdir / "tokenizer.json"
+    location = candidates[name]
+    if location.is_file():
+        # A GGUF carries its tokenizer; one effllm did not write may sit beside an unrelated tokenizer.json.
+        tokenizer = None if fmt == "gguf" else location.parent / "tokenizer.json"
+        return Located(backend, location, name, tokenizer)
+    path = location / "model.pte" if fmt == "pte" else location
+    tokenizer = location / "tokenizer.json"
     if not tokenizer.is_file() and files.hf is not None:
         tokenizer = files.hf / "tokenizer.json"
     return Located(backend, path, name, tokenizer)

@@ -250,13 +250,44 @@ def test_generate_runs_the_gguf_export_in_llamacpp(tokenizer, capsys):
 
 
 def test_a_model_llamacpp_cannot_express_exits_2_and_leaves_out_untouched(tokenizer, tmp_path):
-    model = tiny_model(num_hidden_layers=2, attention_bias=True)
+    model = tiny_model(num_hidden_layers=2, hidden_act="gelu")
     model_dir = save_model_dir(model, tokenizer, tmp_path / "model")
     out = tmp_path / "out"
     (out / "gguf").mkdir(parents=True)
     (out / "gguf" / "model.gguf").write_bytes(b"an earlier export")
     code, stdout, stderr = run_cli([model_dir, "--format", "gguf", "--out", out])
     assert code == 2
-    assert len(stderr.strip().splitlines()) == 1 and "cannot express attention or MLP biases" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "cannot express the 'gelu' activation" in stderr
     assert sorted(p.name for p in out.rglob("*")) == ["gguf", "model.gguf"]
     assert (out / "gguf" / "model.gguf").read_bytes() == b"an earlier export"
+
+
+@pytest.mark.parametrize("missing_llamacpp", [False, True])
+def test_format_all_refuses_rather_than_drops_gguf(missing_llamacpp, tokenizer, tmp_path, monkeypatch):
+    """--format all (the default) promises every format: one GGUF cannot take exits 2 before anything is
+    written, and the line names the flag that exports the others."""
+    import importlib.util
+
+    model_dir = save_model_dir(tiny_model(num_hidden_layers=2), tokenizer, tmp_path / "model")
+    if missing_llamacpp:
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a))
+        reason = "llama.cpp (its quantizer and the verification), which is not installed"
+    else:
+        model_dir = save_model_dir(tiny_model(num_hidden_layers=2, hidden_act="gelu"), tokenizer, tmp_path / "gelu")
+        reason = "cannot express the 'gelu' activation"
+    for argv in ([], ["--format", "all"], ["--format", "onnx", "gguf", "executorch"]):
+        code, _, stderr = run_cli([model_dir, *argv, "--out", tmp_path / "out"])
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert reason in stderr and stderr.strip().endswith("leave GGUF out: --format onnx executorch"), stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_format_takes_several_formats(tokenizer, tmp_path):
+    from effllm.export.cli import build_parser
+    from effllm.export.inputs import resolve_plan
+
+    model_dir = save_model_dir(tiny_model(num_hidden_layers=2), tokenizer, tmp_path / "model")
+    argv = [str(model_dir), "--format", "executorch", "onnx", "--quantize", "all", "--out", str(tmp_path / "out")]
+    plan = resolve_plan(build_parser().parse_args(argv))
+    assert [v.name for v in plan.variants] == ["onnx", "executorch", "onnx-int8", "onnx-int4", "executorch-8da4w"]
