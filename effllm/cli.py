@@ -68,9 +68,13 @@ def parser() -> CliParser:
                       help="GPUs to plan for (default: WORLD_SIZE under torchrun, else 1)")  # fmt: skip
     plan.add_argument("--assume-tokens-per-s", type=float, default=None,
                       help="training throughput of all GPUs together, for the time estimate (default: from --mfu)")  # fmt: skip
-    plan.add_argument("--measure-steps", type=int, default=0,
+    plan.add_argument("--plan-device", choices=["auto", "cpu", "gpu"], default="auto",
+                      help="plan a CPU run (fp32, resident memory against this machine's RAM, a measured speed) or "
+                      "a GPU run (bf16 autocast, --gpu-memory, --gpu-tflops); default auto: gpu where CUDA is "
+                      "visible or --world-size > 1, else cpu")  # fmt: skip
+    plan.add_argument("--measure-steps", type=int, default=None,
                       help="time this many micro-batches of the source's shapes (random weights) on this machine's "
-                      "device and plan with that throughput (default: 0, no measurement)")  # fmt: skip
+                      "device and plan with that throughput (default: 1 on a CPU plan, 0 on a GPU plan)")  # fmt: skip
     plan.add_argument("--gpu-tflops", type=float, default=989.0,
                       help="peak dense bf16 TFLOP/s of one GPU (default: 989, an H100 SXM)")  # fmt: skip
     plan.add_argument("--mfu", type=float, default=0.35,
@@ -182,7 +186,8 @@ def dry_run(args: argparse.Namespace) -> int:
     if world < 1:
         raise RecipeError(f"--world-size {world} is not positive; pass the number of GPUs")
     plan = make_plan(cfg, world_size=world, tokens_per_s=args.assume_tokens_per_s, gpu_tflops=args.gpu_tflops,
-                     mfu=args.mfu, gpu_memory_gib=args.gpu_memory, measure_steps=args.measure_steps)  # fmt: skip
+                     mfu=args.mfu, gpu_memory_gib=args.gpu_memory, measure_steps=args.measure_steps,
+                     device=args.plan_device)  # fmt: skip
     print(format_plan(plan))
     return 0
 

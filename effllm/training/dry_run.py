@@ -3,38 +3,7 @@
 ``effllm-train ... --dry-run`` prints ``format_plan(make_plan(cfg, ...))``. It reads configs only
 (no weights, no data): the source's shapes come from effllm.model.known_sources for well-known
 checkpoints (offline), from config.json for a local directory, from the quickstart settings for
-the embedded source, or from the hub (network) for any other id.
-
-Memory per device: the estimates below are for the peak, at the source size (pruning only
-shrinks the model), with effllm's training setup: fp32 master weights, bf16 autocast on GPUs,
-AdamW, one micro-batch of ``batch_size`` x ``seq_len`` tokens. ``P`` is the parameter count,
-``L`` the layers, ``h`` the hidden size, ``q = heads * head_dim``, ``k = kv_heads * head_dim``,
-``f`` the FFN width, ``V`` the vocabulary, ``T = batch_size * seq_len`` the tokens of a
-micro-batch, ``W`` the world size.
-
-* weights ``4P``; gradients ``4P``; AdamW ``8P`` (two fp32 moments).
-* DDP gradient buckets ``4P`` (DDP copies gradients into flat buckets for the all-reduce).
-* saliency state: two fp32 moving averages per group (KV groups, FFN channels, hidden channels),
-  ``8 * (sum_layers(kv_heads + f) + h + L)``, plus a transient fp32 product of the largest
-  weight matrix and its square, ``8 * max_matrix``.
-* activations per token and layer, bytes, as autograd saves them under bf16 autocast with a
-  fused (flash / memory-efficient) attention kernel: fp32 inputs of the two RMSNorms ``2 * 4h``,
-  their bf16 outputs ``2 * 2h``, q/k/v projections ``2(q + 2k)``, rotated q/k ``2(q + k)``, the
-  attention output ``2q``, and the SwiGLU FFN's gate, up, silu(gate) and product ``4 * 2f``:
-  ``A = 12h + 6q + 6k + 8f``; in all ``L * A * T``. With --gradient-checkpointing only each
-  layer's fp32 input is kept, ``4h * L * T``, plus one layer's ``A * T`` while it is recomputed.
-* logits: bf16 logits, their fp32 copy and the fp32 log-softmax kept for backward, ``10 V T``.
-  At a 49K-152K vocabulary this is often the largest single term.
-* --distill: the teacher's fp32 weights ``4 P_t`` (no gradients, no optimizer state), its logits
-  ``4 V T`` and the KD loss's per-chunk fp32 temporaries (three of ``distill.CHUNK_ELEMENTS``);
-  its activations are freed layer by layer (no autograd graph).
-* FSDP2 (``fully_shard`` per decoder layer): weights, gradients and AdamW state are divided by
-  ``W``: ``16P / W``; add the unsharded working set, the current and the prefetched layer's full
-  fp32 parameters and one layer's full gradients ``3 * 4 * layer_params``, and the embedding /
-  LM head, which is gathered whole while it is used: ``8 * V * h``. Activations and logits are
-  per device as for DDP.
-
-A device also holds the CUDA context and allocator slack (a few GiB, not counted).
+the embedded source, or from the hub (network) for any other id. Memory: effllm.training.memory.
 
 Time: ``tokens / throughput``. Without a measured throughput it is estimated from FLOPs: per
 token ``6 N + 6 L s q`` (N: the parameters of every matmul, the LM head included and the input
@@ -50,29 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from effllm.model.params import count_parameters, format_count, parse_count
+from effllm.training.memory import (
+    GIB,
+    Memory,
+    activation_bytes_per_token_layer,
+    cpu_memory_warning,
+    gib,
+    machine_memory_gib,
+    memory,
+)
 from effllm.training.recipe import QUICKSTART_SOURCE, RecipeError, TrainConfig
 
-GIB = 1 << 30
-
-
-@dataclass
-class Memory:
-    """Bytes per device at the peak (the source size), by part."""
-
-    weights: int
-    gradients: int
-    adamw: int
-    saliency: int
-    activations: int
-    logits: int
-    ddp_buckets: int = 0
-    fsdp_working_set: int = 0
-    teacher: int = 0
-
-    @property
-    def total(self) -> int:
-        return (self.weights + self.gradients + self.adamw + self.saliency + self.activations + self.logits
-                + self.ddp_buckets + self.fsdp_working_set + self.teacher)  # fmt: skip
+DEVICES = ("auto", "cpu", "gpu")
 
 
 @dataclass
@@ -97,6 +55,7 @@ class RunPlan:
     throughput_from: str
     notes: list[str] = field(default_factory=list)
     schedule: str = ""
+    device: str = "gpu"
 
 
 def source_config(cfg: TrainConfig):
@@ -127,41 +86,6 @@ def source_config(cfg: TrainConfig):
     return config, "its config.json"
 
 
-def activation_bytes_per_token_layer(h: int, q: int, k: int, f: int) -> int:
-    """``A = 12h + 6q + 6k + 8f`` (see the module docstring)."""
-    return 12 * h + 6 * q + 6 * k + 8 * f
-
-
-def memory(config, cfg: TrainConfig, world_size: int, fsdp: bool, teacher=None) -> Memory:
-    """Peak bytes per device for ``config`` (see the module docstring for every term); ``teacher``:
-    the --distill teacher's config."""
-    from effllm.training.distill import CHUNK_ELEMENTS
-
-    count = count_parameters(config)
-    p = count.total
-    h, v, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    shapes = config.layer_shapes()
-    hd = config.head_dim
-    tokens = cfg.batch_size * cfg.seq_len
-    per_layer = [activation_bytes_per_token_layer(h, heads * hd, kv * hd, ffn) for heads, kv, ffn in shapes]
-    if cfg.gradient_checkpointing:
-        activations = (4 * h * n_layers + max(per_layer, default=0)) * tokens
-    else:
-        activations = sum(per_layer) * tokens
-    groups = sum(kv + ffn for _, kv, ffn in shapes) + h + n_layers
-    largest = max([v * h] + [max(h * heads * hd, h * ffn) for heads, _, ffn in shapes])
-    saliency = 8 * groups + 8 * largest
-    logits = 10 * v * tokens
-    kd = 0 if teacher is None else 4 * count_parameters(teacher).total + 4 * v * tokens + 3 * 4 * CHUNK_ELEMENTS
-    if not fsdp:
-        return Memory(4 * p, 4 * p, 8 * p, saliency, activations, logits,
-                      ddp_buckets=4 * p if world_size > 1 else 0, teacher=kd)  # fmt: skip
-    layer_params = max((count.attention + count.ffn) // max(n_layers, 1), 1)
-    shard = math.ceil(p / world_size)
-    working = 3 * 4 * layer_params + 8 * v * h
-    return Memory(4 * shard, 4 * shard, 8 * shard, saliency, activations, logits, fsdp_working_set=working, teacher=kd)
-
-
 def flops_per_token(config, seq_len: int, params: int | None = None) -> float:
     """``6 N + 6 L s q``; ``params`` scales N (and attention alike) to a smaller model along the budget."""
     count = count_parameters(config)
@@ -174,7 +98,8 @@ def flops_per_token(config, seq_len: int, params: int | None = None) -> float:
 def measure(config, cfg: TrainConfig, steps: int) -> dict:
     """Tokens/s of one device training a randomly initialised model of the source's shapes, as
     effllm-train does (fp32 weights, bf16 autocast on CUDA, AdamW), over ``steps`` micro-batches
-    after one warm-up; and the peak memory that took on CUDA. Scaled by the world size it assumes
+    after one warm-up; and the peak memory that took (on CUDA the allocator's, on a CPU the process's
+    resident set). Scaled by the world size it assumes
     DDP scales linearly (gradient all-reduce overlapped with backward)."""
     import time
 
@@ -214,13 +139,40 @@ def measure(config, cfg: TrainConfig, steps: int) -> dict:
     return {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "tokens_per_s": steps * cfg.batch_size * cfg.seq_len / seconds,
-        "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+        "peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else _peak_rss(),
     }
 
 
+def plan_device(device: str, world_size: int) -> str:
+    """ "cpu" or "gpu": ``auto`` plans for a GPU where one is visible or several processes are planned."""
+    if device not in DEVICES:
+        raise RecipeError(f"--plan-device {device!r} is not one of {DEVICES}")
+    if device != "auto":
+        return device
+    import torch
+
+    return "gpu" if torch.cuda.is_available() or world_size > 1 else "cpu"
+
+
+def _peak_rss() -> int | None:
+    """This process's peak resident set so far (Linux reports KiB, macOS bytes); None elsewhere."""
+    import resource
+    import sys
+
+    try:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (AttributeError, OSError):
+        return None
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None = None, gpu_tflops: float = 989.0,
-              mfu: float = 0.35, gpu_memory_gib: float = 80.0, measure_steps: int = 0) -> RunPlan:  # fmt: skip
-    """Everything ``--dry-run`` prints; raises RecipeError (or the source's error) on bad input."""
+              mfu: float = 0.35, gpu_memory_gib: float = 80.0, measure_steps: int | None = None,
+              device: str = "auto") -> RunPlan:  # fmt: skip
+    """Everything ``--dry-run`` prints; raises RecipeError (or the source's error) on bad input.
+
+    ``measure_steps`` None: one timed micro-batch on a CPU plan without ``tokens_per_s`` (a FLOP
+    estimate for a CPU means nothing), none on a GPU plan."""
     from dataclasses import replace
 
     from effllm.pruning import ParameterBudget
@@ -229,6 +181,11 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
 
     schedules.check_config(cfg)
     distill.check_config(cfg)
+    device = plan_device(device, world_size)
+    if measure_steps is None:
+        measure_steps = 1 if device == "cpu" and not tokens_per_s else 0
+    if device == "cpu":
+        gpu_memory_gib = machine_memory_gib()
     config, where = source_config(cfg)
     teacher = None
     if cfg.distill:
@@ -267,9 +224,17 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
         notes.append(
             f"measured {measured['tokens_per_s']:,.0f} tokens/s on one device ({measured['device']}, "
             f"{measure_steps} micro-batches, random weights)"
-            + (f"; peak memory {peak / GIB:.1f} GiB (the estimate for DDP on one device: see above)" if peak else "")
+            + (
+                f"; peak memory {peak / GIB:.1f} GiB ({'this process' if device == 'cpu' else 'allocated on the GPU'}"
+                f", to compare with the estimate above)"
+                if peak
+                else ""
+            )
         )
-        throughput_from = f"measured on one device x {world_size}"
+        throughput_from = (
+            f"measured on this machine's {measured['device']}: {measured['tokens_per_s']:,.0f} tokens/s at the "
+            f"source's shapes x {world_size}, faster as the model shrinks"
+        )
     if tokens_per_s:
         rate_at_source = tokens_per_s
         if not measure_steps:
@@ -282,9 +247,19 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
         params = params_at(int(t))
         rate = rate_at_source * source_flops / flops_per_token(config, cfg.seq_len, params)
         seconds += cfg.tokens / slices / rate
-    ddp, fsdp = memory(config, cfg, world_size, False, teacher), memory(config, cfg, world_size, True, teacher)
+    if cfg.source == QUICKSTART_SOURCE and not cfg.init_config:
+        pretrain = cfg.source_tokens / rate_at_source
+        seconds += pretrain
+        notes.append(f"the time includes pretraining the embedded source first ({cfg.source_tokens:,} tokens, "
+                     f"{_duration(pretrain)}) unless <out>/source already holds it")  # fmt: skip
+    ddp, fsdp = memory(config, cfg, world_size, False, teacher, device), memory(config, cfg, world_size, True, teacher)
     limit = gpu_memory_gib * GIB
-    if ddp.total > limit and not cfg.gradient_checkpointing:
+    if device == "cpu" and ddp.total > limit:
+        notes.append(
+            f"does not fit this machine's {gpu_memory_gib:.0f} GiB: the run would swap or be killed; lower "
+            "--batch-size and raise --grad-accum (same tokens per step), add --gradient-checkpointing, or use a GPU"
+        )
+    elif ddp.total > limit and not cfg.gradient_checkpointing:
         notes.append("DDP does not fit at this micro-batch: add --gradient-checkpointing, or lower --batch-size "
                      "and raise --grad-accum (same tokens per step)")  # fmt: skip
     if ddp.total > limit and fsdp.total <= limit:
@@ -301,12 +276,8 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, tokens_per_s: float | None 
         target_params=target, world_size=world_size, tokens_per_step=tokens_per_step, total_steps=total_steps,
         total_tokens=total_steps * tokens_per_step, prune_start=cfg.prune_start, prune_end=prune_end,
         prune_steps=prune_steps, budget_points=points, ddp=ddp, fsdp=fsdp, gpu_memory_gib=gpu_memory_gib,
-        seconds=seconds, throughput_from=throughput_from, notes=notes, schedule=schedule,
+        seconds=seconds, throughput_from=throughput_from, notes=notes, schedule=schedule, device=device,
     )  # fmt: skip
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:,.1f} GiB"
 
 
 def _duration(seconds: float) -> str:
@@ -343,18 +314,46 @@ def format_plan(plan: RunPlan) -> str:
         )
         lines += [f"  {t:>18,} tokens: {format_count(p)}" for t, p in plan.budget_points]
         lines.append(plan.schedule)
-    lines.append(f"memory per device at the peak (the source), limit {plan.gpu_memory_gib:g} GiB:")
-    header = f"  {'':22}{'DDP':>12}{'FSDP2':>12}"
-    lines.append(header)
-    for name in ("weights", "gradients", "adamw", "saliency", "activations", "logits", "ddp_buckets",
-                 "fsdp_working_set", "teacher", "total"):  # fmt: skip
-        a, b = getattr(plan.ddp, name), getattr(plan.fsdp, name)
-        lines.append(f"  {name.replace('_', ' '):22}{_gib(a):>12}{_gib(b):>12}")
-    fits = {k: m.total <= plan.gpu_memory_gib * GIB for k, m in (("DDP", plan.ddp), ("FSDP2", plan.fsdp))}
-    lines.append("  fits: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in fits.items()))
+    if plan.device == "cpu":
+        lines.append(f"memory at the peak (the source; fp32 on the CPU, resident set), this machine "
+                     f"{plan.gpu_memory_gib:.1f} GiB:")  # fmt: skip
+        for name in (
+            "weights",
+            "gradients",
+            "adamw",
+            "saliency",
+            "activations",
+            "logits",
+            "teacher",
+            "process",
+            "total",
+        ):
+            lines.append(f"  {name:22}{gib(getattr(plan.ddp, name)):>12}")
+        lines.append(f"  fits: {'yes' if plan.ddp.total <= plan.gpu_memory_gib * GIB else 'no'}")
+    else:
+        lines.append(f"memory per device at the peak (the source), limit {plan.gpu_memory_gib:g} GiB:")
+        lines.append(f"  {'':22}{'DDP':>12}{'FSDP2':>12}")
+        for name in ("weights", "gradients", "adamw", "saliency", "activations", "logits", "ddp_buckets",
+                     "fsdp_working_set", "teacher", "total"):  # fmt: skip
+            a, b = getattr(plan.ddp, name), getattr(plan.fsdp, name)
+            lines.append(f"  {name.replace('_', ' '):22}{gib(a):>12}{gib(b):>12}")
+        fits = {k: m.total <= plan.gpu_memory_gib * GIB for k, m in (("DDP", plan.ddp), ("FSDP2", plan.fsdp))}
+        lines.append("  fits: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in fits.items()))
     lines.append(f"time: {_duration(plan.seconds)} ({plan.throughput_from})")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 
-__all__ = ["Memory", "RunPlan", "make_plan", "format_plan", "memory", "flops_per_token", "parse_count"]
+__all__ = [
+    "Memory",
+    "RunPlan",
+    "activation_bytes_per_token_layer",
+    "cpu_memory_warning",
+    "machine_memory_gib",
+    "make_plan",
+    "plan_device",
+    "format_plan",
+    "memory",
+    "flops_per_token",
+    "parse_count",
+]

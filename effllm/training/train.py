@@ -21,6 +21,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -323,6 +324,12 @@ def train(cfg: TrainConfig) -> dict:
     pruning_cfg = pruning_config(cfg)
     plan = plan_run(cfg, start.model, start.saved_plan, pruning_cfg, info.world_size)
     distiller = distill.load_teacher(cfg, start.tokenizer, start.model.config.vocab_size, info.device)
+    if info.is_main and info.device.type == "cpu":
+        from effllm.training.memory import cpu_memory_warning
+
+        warning = cpu_memory_warning(start.model.config, cfg, distiller.teacher.config if distiller else None)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     # 2. the data, and run.json
     data = prepare_data(cfg, out, info, start.tokenizer, plan)
     # 3. the state: fresh, or the checkpoint's
