@@ -6,7 +6,7 @@ Output layout (one self-contained directory per variant, so each can be copied o
     OUT/onnx-int4/          the same, int4 weight-only (MatMulNBits)
     OUT/executorch/         model.pte (XNNPACK), tokenizer.json (runs in ExecuTorch's TextLLMRunner)
     OUT/executorch-8da4w/   the same, 8-bit dynamic activations / 4-bit weights
-    OUT/gguf/               model.gguf (llama.cpp arch "deci", Qwen2's biases included; f16 or f32), tokenizer.json
+    OUT/gguf/               model.gguf (llama.cpp arch "deci", "llama" when every layer has one shape; biases included; f16 or f32), tokenizer.json
                             (runs in llama.cpp, ollama)
     OUT/gguf-q8_0/, gguf-q4_0/, gguf-q4_k_m/   the same, quantized by llama.cpp's own quantizer
     OUT/verify.json, OUT/verify.md   the parity checks (see verify.py)

@@ -34,6 +34,9 @@ import numpy as np
 from effllm.common.errors import EffllmError
 
 ARCH = "deci"
+# A model whose layers all have one nonzero shape (--shape uniform) is written as llama.cpp's plain llama, which
+# every GGUF runtime reads (ollama, LM Studio, llama.cpp's server); llama's graph adds q/k/v/FFN biases when present.
+PLAIN_ARCH = "llama"
 GGUF_FILE = "model.gguf"
 GGUF_DTYPES = ("f16", "f32")
 STANDIN_FFN = 32  # width of an all-zero stand-in FFN: one Q4_0/Q8_0 block, so quantizing keeps it quantized
@@ -191,17 +194,27 @@ def export_gguf(
     path = out_dir / GGUF_FILE
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     hidden, head_dim, n_layers = config.hidden_size, config.head_dim, config.num_hidden_layers
-    layers = gguf_layers(config.layer_shapes(), standins)
+    shapes = config.layer_shapes()
+    plain = len(set(shapes)) == 1 and 0 not in shapes[0]
+    arch = PLAIN_ARCH if plain else ARCH
+    layers = gguf_layers(shapes, standins)
 
-    writer = gguf.GGUFWriter(str(path), ARCH)
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(model_dir.resolve().name)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
     writer.add_context_length(max_seq_len)  # what the other formats serve (--max-seq-len); llama.cpp's n_ctx
     writer.add_embedding_length(hidden)
     writer.add_block_count(n_layers)
-    writer.add_head_count([layer.heads for layer in layers])
-    writer.add_head_count_kv([layer.kv_heads for layer in layers])
-    writer.add_feed_forward_length([layer.ffn for layer in layers])
+    per_layer = {
+        "head_count": [layer.heads for layer in layers],
+        "head_count_kv": [layer.kv_heads for layer in layers],
+        "feed_forward_length": [layer.ffn for layer in layers],
+    }
+    if plain:  # one value for every layer, as llama.cpp's own converter writes a Llama
+        per_layer = {key: values[0] for key, values in per_layer.items()}
+    writer.add_head_count(per_layer["head_count"])
+    writer.add_head_count_kv(per_layer["head_count_kv"])
+    writer.add_feed_forward_length(per_layer["feed_forward_length"])
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
@@ -214,7 +227,7 @@ def export_gguf(
     writer.add_vocab_size(config.vocab_size)
     add_tokenizer(writer, model_dir, config.vocab_size, pre)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, n_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if plain else gguf.MODEL_ARCH.DECI, n_layers)
     tensors = [("model.embed_tokens.weight", state["model.embed_tokens.weight"])]
     for i, layer in enumerate(layers):
         tensors += list(layer_tensors(state, i, layer, hidden, head_dim))

@@ -45,6 +45,7 @@ PATTERNS = {
         num_key_value_heads=[0, 1, 3],
         intermediate_size=[96, 40, 64],
     ),
+    "uniform": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=40),  # --shape uniform: llama
 }
 GREEDY = 12
 
@@ -90,6 +91,14 @@ def test_gguf_file_reads_back_with_per_layer_arrays_and_rope_row_order(tokenizer
     # llama.cpp rotates rows (2i, 2i+1) together; Hugging Face rotates (i, i + head_dim/2): row 1 is HF's row d/2
     np.testing.assert_array_equal(tensors["blk.0.attn_q.weight"].data[1], q[head_dim // 2])
     np.testing.assert_array_equal(tensors["blk.0.attn_v.weight"].data, state["model.layers.0.self_attn.v_proj.weight"])
+
+
+def test_a_uniform_model_is_a_plain_llama_with_one_value_per_hyperparameter(tokenizer):
+    _, path = exported("uniform", tokenizer)
+    reader = gguf.GGUFReader(str(path))
+    assert field(reader, "general.architecture") == "llama"
+    assert field(reader, "llama.attention.head_count") == 4 and field(reader, "llama.attention.head_count_kv") == 2
+    assert field(reader, "llama.feed_forward_length") == 40 and field(reader, "llama.block_count") == 4
 
 
 def test_standins_are_written_only_where_llamacpp_needs_them():
