@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from effllm.common.errors import first_line
 from effllm.model.configuration_effllm import EfficientLLMConfig
 from effllm.model.convert import UnsupportedSourceError, from_pretrained
 from effllm.model.modeling_effllm import EfficientLLMForCausalLM
@@ -63,7 +64,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, out: Path, info: D.DistInfo):
 @dataclass
 class Start:
     """Where a run starts: a model and tokenizer, and on --resume from a checkpoint its saved plan
-    and ``resume`` = (tensors from state.pt, trainer.json)."""
+    and ``resume`` = (the checkpoint's state, trainer.json)."""
 
     model: EfficientLLMForCausalLM
     tokenizer: object
@@ -220,13 +221,19 @@ def build_state(cfg: TrainConfig, info: D.DistInfo, out: Path, start: Start, pla
     logs = (state.metrics, state.prune_log, state.evals)
     if start.resume is not None:
         tensors, trainer_state = start.resume
-        optimizer.load_state_dict(tensors["optimizer"])
-        if pruner is not None:
-            pruner.load_state_dict(tensors["pruner"])
-        stream.load_state_dict(trainer_state["data"][str(info.rank)] if "data" in trainer_state else {})
-        set_rng_state(tensors["rng"])
-        state.step, state.tokens_seen = trainer_state["step"], trainer_state["tokens"]
-        state.ledger = trainer_state["run_state"]
+        try:  # a state that parses but does not fit this model is as unusable as an unreadable one
+            optimizer.load_state_dict(tensors["optimizer"])
+            if pruner is not None:
+                pruner.load_state_dict(tensors["pruner"])
+            stream.load_state_dict(trainer_state["data"][str(info.rank)] if "data" in trainer_state else {})
+            set_rng_state(tensors["rng"])
+            state.step, state.tokens_seen = trainer_state["step"], trainer_state["tokens"]
+            state.ledger = trainer_state["run_state"]
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise TrainError(
+                f"checkpoint in {out} does not fit its model ({type(err).__name__}: {first_line(err)}); "
+                "delete it and restart with --overwrite"
+            ) from None
         for log in logs:
             log.truncate_after(state.step)
     elif cfg.resume:  # killed before its first checkpoint: records of that attempt are dropped
