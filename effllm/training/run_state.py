@@ -19,6 +19,8 @@ import torch
 from effllm.common.errors import first_line
 from effllm.model.configuration_effllm import EfficientLLMConfig
 from effllm.model.convert import UnsupportedSourceError, from_pretrained
+from effllm.model.file_checks import BadModelFileError
+from effllm.model.model_dir import check_model_files, load_tokenizer
 from effllm.model.modeling_effllm import EfficientLLMForCausalLM
 from effllm.training import distributed as D
 from effllm.training.checkpoint import (
@@ -36,8 +38,6 @@ from effllm.training.run_files import JsonlLog
 # ---- the starting point -------------------------------------------------------------------------
 def load_model_and_tokenizer(cfg: TrainConfig, out: Path, info: D.DistInfo):
     """The starting model (source import, or random init from --init-config) and its tokenizer."""
-    from transformers import AutoTokenizer
-
     if cfg.init_config:
         path = Path(cfg.init_config)
         try:
@@ -48,8 +48,8 @@ def load_model_and_tokenizer(cfg: TrainConfig, out: Path, info: D.DistInfo):
         model = EfficientLLMForCausalLM(config)
         tok_source = path if path.is_dir() else path.parent
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tok_source)
-        except (OSError, ValueError):
+            tokenizer = load_tokenizer(tok_source)
+        except BadModelFileError:
             raise TrainError(f"--init-config {cfg.init_config}: put the tokenizer files next to config.json") from None
         return model, tokenizer
     try:
@@ -83,10 +83,12 @@ def load_start(cfg: TrainConfig, out: Path, info: D.DistInfo) -> Start:
             model_dir, tensors, trainer_state = load_checkpoint(checkpoint)
         except CheckpointError as err:
             raise TrainError(str(err)) from None
-        from transformers import AutoTokenizer
-
+        try:
+            check_model_files(model_dir)
+        except BadModelFileError as err:
+            raise TrainError(f"{err} (in the checkpoint: restart the run with --overwrite)") from None
         model = EfficientLLMForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         return Start(model, tokenizer, Plan(**trainer_state["plan"]), (tensors, trainer_state))
     model, tokenizer = load_model_and_tokenizer(cfg, out, info)
     return Start(model, tokenizer)
