@@ -150,10 +150,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def tokenize_only(args: argparse.Namespace) -> int:
     """--tokenize-only: the data preparation of a run, without the run."""
-    from transformers import AutoTokenizer
-
     from effllm.common.errors import first_line
     from effllm.data.prepare import prepare_tokens
+    from effllm.model.file_checks import BadModelFileError
+    from effllm.model.model_dir import load_tokenizer
 
     cfg = resume_config(args) if args.resume else build_config(args.recipe, args)
     if cfg.source == QUICKSTART_SOURCE and not cfg.init_config:
@@ -162,8 +162,8 @@ def tokenize_only(args: argparse.Namespace) -> int:
     if cfg.init_config:
         where = str(Path(cfg.init_config) if Path(cfg.init_config).is_dir() else Path(cfg.init_config).parent)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError) as err:
+        tokenizer = load_tokenizer(where)
+    except BadModelFileError as err:
         raise RecipeError(f"cannot load the tokenizer of {where} ({first_line(err)}); check --source") from None
     info = prepare_tokens(
         cfg.data, tokenizer, Path(cfg.out) / "data", heldout_fraction=cfg.heldout_fraction,

@@ -154,6 +154,9 @@ def check_model_dir(model_dir: Path):
         )
     import effllm  # noqa: F401  (registers the config class)
     from effllm import EfficientLLMConfig, EfficientLLMConfigError
+    from effllm.model.model_dir import check_model_files
+
+    check_model_files(model_dir)  # config types, truncated weights; the code copies are never run
 
     try:
         config = EfficientLLMConfig.from_pretrained(model_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from effllm.common.errors import EffllmError
 
+from .generate import check_files
 from .model_files import BACKENDS, FORMAT_OF_BACKEND, find_model_files, model_bytes, sibling_model
 
 BENCH_BACKENDS = tuple(b for b in BACKENDS if b != "executorch-runner")
@@ -103,6 +104,8 @@ def plan_targets(
                 path, quantization = (location / "model.pte" if fmt == "pte" else location), quantization_of(name)
             size = model_bytes(path if fmt == "pte" else location)
             targets.append(Target(backend, name, quantization, str(path), size, label, config_path, export_dir))
+    for target in targets:  # a bad file is bad input: refused here, before any report is written
+        check_files(target.backend, target.path)
     if not targets:
         raise EffllmError(
             f"nothing to benchmark in {model} for backends {', '.join(backends)}"

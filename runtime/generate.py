@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .backend import Backend, Generation, GenerationError, GenerationStats
-from .model_files import BACKENDS, default_model, locate
+from .model_files import BACKENDS, FORMAT_OF_BACKEND, default_model, locate
 from .native import quiet_native_output
 from .sampling import GREEDY, Sampler, SamplingConfig, SamplingError
 
@@ -54,8 +54,24 @@ def backend_class(backend: str) -> type[Backend]:
     raise GenerationError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def check_files(backend: str, path: str | Path) -> None:
+    """The files ``backend`` is about to parse, checked first (effllm.model.file_checks): a truncated or
+    crafted GGUF or safetensors file is one line (exit 2), not a crash inside llama.cpp or a traceback."""
+    from effllm.model.file_checks import check_gguf, check_weights, warn_if_code_differs
+
+    path, fmt = Path(path), FORMAT_OF_BACKEND.get(backend)
+    if fmt == "gguf":
+        gguf = path / "model.gguf" if path.is_dir() else path
+        if gguf.is_file():
+            check_gguf(gguf)
+    elif fmt == "hf":
+        check_weights(path)
+        warn_if_code_differs(path)
+
+
 def load_backend(backend: str, path: str | Path, threads: int | None = None) -> Backend:
-    """The backend ``backend`` on ``path`` (a directory or file from :func:`locate`)."""
+    """The backend ``backend`` on ``path`` (a directory or file from :func:`locate`), its files checked first."""
+    check_files(backend, path)
     return backend_class(backend)(Path(path), threads=threads)
 
 
@@ -211,6 +227,7 @@ def load_generator(
 
         return RunnerGenerator(located.path, located.tokenizer, threads=threads)
     tokenizer = load_tokenizer(located.tokenizer) if located.tokenizer is not None else None
+    check_files(located.backend, located.path)  # before native output is quieted: its warning must show
     with quiet_native_output():
         loaded = load_backend(located.backend, located.path, threads)
     if tokenizer is None:  # a GGUF effllm did not write: the tokenizer inside it
@@ -230,6 +247,7 @@ __all__ = [
     "SamplingError",
     "StreamDecoder",
     "TextGenerator",
+    "check_files",
     "load_backend",
     "load_generator",
     "locate",

@@ -2,8 +2,8 @@
 
 The reference the exported backends are compared with (effllm-generate's torch backend, and the
 torch side of effllm-export's verification, which wraps the in-memory model with ``from_model``).
-Loads any causal LM transformers can load (importing effllm registers the EfficientLLM classes, so
-irregular models need no trust_remote_code) in float32.
+Loads an effllm model directory with effllm's installed classes, or any architecture transformers
+ships, in float32; never with a directory's own code (effllm.model.model_dir).
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ class TorchBackend(Backend):
 
     def __init__(self, path: str | Path, threads: int | None = None):
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from effllm import EfficientLLMForCausalLM  # noqa: F401  (registers the classes with the Auto classes)
+        from effllm.model.model_dir import load_model
 
         if threads:
             torch.set_num_threads(int(threads))
         path = Path(path)
         if not (path / "config.json").is_file():
             raise GenerationError(f"{path} is not a model directory (no config.json)")
-        self._attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), path)
+        self._attach(load_model(path, dtype=torch.float32), path)
 
     @classmethod
     def from_model(cls, model, path: str | Path = "<in memory>") -> TorchBackend:

@@ -52,7 +52,7 @@ def test_ranks_agree_and_match_one_process(tmp_path):
     mp.start_processes(
         _worker, args=(WORLD, str(tmp_path / "init"), out), nprocs=WORLD, join=True, start_method="spawn"
     )
-    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
     single_records, single_state = _run(-1, 1)
     key = lambda recs: [(r["type"], r["layer"], r["index"], r["size"], r["params_after"]) for r in recs]
     assert key(ranks[0]["records"]) == key(ranks[1]["records"]) == key(single_records)

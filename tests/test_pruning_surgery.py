@@ -294,12 +294,14 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
         _grads_step(model, pruner, opt, s)
     source = count_parameters(model.config).total
     pruner.prune_to(int(source * 0.8), step=3, tokens=30)
-    # checkpoint: model dir + optimizer + pruner state
+    # checkpoint: model dir + optimizer + pruner state, in the files effllm's checkpoints use (no pickle)
+    from effllm.training.state_files import load_state, save_state
+
     model.save_pretrained(tmp_path)
-    torch.save({"opt": opt.state_dict(), "pruner": pruner.state_dict()}, tmp_path / "state.pt")
+    save_state({"opt": opt.state_dict(), "pruner": pruner.state_dict()}, tmp_path, "state")
     resumed = EfficientLLMForCausalLM.from_pretrained(tmp_path).train()
     ropt = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
-    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    state = load_state(tmp_path, "state")
     ropt.load_state_dict(state["opt"])
     rpruner = Pruner(resumed, PruningConfig(), optimizer=ropt)
     rpruner.load_state_dict(state["pruner"])

@@ -162,7 +162,7 @@ def test_bad_input_exits_2_and_touches_nothing(case, message, workspace, tmp_pat
     elif case == "corrupt_checkpoint":
         ok = run_cli(*args, "--halt-at-step", "2", "--save-every", "100")
         assert ok.returncode == 143, ok.stderr[-2000:]
-        (out / "checkpoint" / "state.pt").write_bytes(b"not a checkpoint")
+        (out / "checkpoint" / "state.safetensors").write_bytes(b"not a checkpoint")
         args = ["--out", out, "--resume"]
     elif case == "foreign_out_dir":
         out.mkdir()

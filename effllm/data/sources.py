@@ -32,6 +32,8 @@ SUPPORTED_TEXT = ".txt/.md/.text, .jsonl/.json (one object per line) or .parquet
 # A longer document is encoded in pieces of about this size, cut after a newline (or before a space):
 # transformers' tokenizer call slows down on long sequences, and batches of pieces run in parallel.
 PIECE_CHARS = 1 << 12
+# A JSONL line is read whole before json parses it; past this a line is refused, not read on into memory.
+MAX_LINE_BYTES = 64 << 20
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 
 
@@ -186,19 +188,33 @@ def _record_text(value, where: str, field: str) -> str | list[int]:
     return value
 
 
-def _read_pieces(f) -> Iterator[str]:
+def _not_text(path: str, err: UnicodeDecodeError | None = None) -> DataError:
+    what = f"not UTF-8 text (byte {err.object[err.start]:#04x} cannot start a character)" if err else "binary"
+    return DataError(f"'{path}' is {what}: give text files in UTF-8 (convert it, or leave it out of the data)")
+
+
+def _checked_text(path: str, text: str) -> str:
+    if "\x00" in text:  # valid UTF-8, but no text file holds NUL characters: a binary file
+        raise _not_text(path)
+    return text
+
+
+def _read_pieces(f, path: str) -> Iterator[str]:
     rest = ""
-    while chunk := f.read(PIECE_CHARS * 64):
-        *done, (rest, _) = split_pieces(rest + chunk)
-        yield from (text for text, _ in done)
+    try:
+        while chunk := f.read(PIECE_CHARS * 64):
+            *done, (rest, _) = split_pieces(rest + _checked_text(path, chunk))
+            yield from (text for text, _ in done)
+    except UnicodeDecodeError as err:
+        raise _not_text(path, err) from None
     if rest:
         yield rest
 
 
 def _text_file(path: str) -> Iterator[tuple[str, bool]]:
-    """The whole file is one document, read in pieces (see split_pieces)."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        pieces = _read_pieces(f)
+    """The whole file is one document, read in pieces (see split_pieces); UTF-8 only."""
+    with open(path, encoding="utf-8", newline="") as f:
+        pieces = _read_pieces(f, path)
         piece, more = next(pieces, ""), next(pieces, None)
         if more is None and not piece.strip():
             return  # an empty (or blank) file is no document
@@ -209,12 +225,14 @@ def _text_file(path: str) -> Iterator[tuple[str, bool]]:
 
 
 def _jsonl_file(path: str, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, "rb") as f:
         head = f.read(1 << 16).lstrip()
         f.seek(0)
-        if head.startswith("["):  # a .json file holding one array of objects
+        if head.startswith(b"["):  # a .json file holding one array of objects
             try:
-                rows = json.load(f)
+                rows = json.loads(_checked_text(path, f.read().decode("utf-8")))
+            except UnicodeDecodeError as err:
+                raise _not_text(path, err) from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"'{path}' is not valid JSON ({one_line(exc)}): fix the file") from None
             lines = ((i + 1, row) for i, row in enumerate(rows))
@@ -230,10 +248,22 @@ def _jsonl_file(path: str, field: str) -> Iterator[str]:
 
 
 def _json_lines(f, path: str):
-    for lineno, line in enumerate(f, 1):
-        if line.strip():
+    """(line number, object) of a binary file object, each line read with at most MAX_LINE_BYTES."""
+    lineno = 0
+    while line := f.readline(MAX_LINE_BYTES + 1):
+        lineno += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise DataError(
+                f"'{path}' line {lineno} is longer than {MAX_LINE_BYTES >> 20} MB, the most effllm reads as one JSON "
+                "line: split that document, or give it as a text file"
+            )
+        try:
+            text = _checked_text(path, line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise _not_text(path, err) from None
+        if text.strip():
             try:
-                yield lineno, json.loads(line)
+                yield lineno, json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(f"'{path}' line {lineno} is not valid JSON ({one_line(exc)}): fix that line") from None
 

@@ -73,13 +73,16 @@ def evaluate(args: argparse.Namespace) -> int:
         hint = "run effllm-train first" if model_dir == DEFAULT_MODEL else "give a model directory"
         raise EvalError(f"{model_dir} is not a model directory (no config.json); {hint}")
     out = Path(args.out) if args.out else model_dir.parent / "eval"
+    from effllm.model.model_dir import load_model, load_tokenizer  # here: transformers loads after the logs are quiet
+
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     report: dict = {"model": str(model_dir)}
     if not args.no_perplexity:
-        report["perplexity"] = perplexity(model_dir, args.data, args.window, args.stride, args.max_tokens,
-                                          not args.quiet)  # fmt: skip
+        report["perplexity"] = perplexity(model, tokenizer, model_dir, args.data, args.window, args.stride,
+                                          args.max_tokens, not args.quiet)  # fmt: skip
     if args.tasks:
         tasks = PAPER_TASKS if args.tasks == "paper" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-        report["zero_shot"] = zero_shot(model_dir, tasks, args.limit, args.batch_size, args.include_path)
+        report["zero_shot"] = zero_shot(model, tokenizer, tasks, args.limit, args.batch_size, args.include_path)
     write_json_atomic(out / "eval.json", report)
     markdown = to_markdown(report)
     write_atomic(out / "eval.md", markdown)

@@ -1,7 +1,7 @@
 """Held-out perplexity with sliding windows, on any text effllm-train accepts or on a token file.
 
 Every token after the first is scored once, with at least window - stride tokens of context. The
-model and tokenizer load with trust_remote_code, as anyone outside effllm would load them.
+model and tokenizer come loaded (effllm.model.model_dir: the installed classes, no directory code).
 """
 
 from __future__ import annotations
@@ -74,13 +74,8 @@ def load_eval_tokens(path_or_data: list[str] | None, tokenizer, max_tokens: int 
     return torch.tensor(ids)
 
 
-def perplexity(model_dir: Path, data: list[str] | None, window: int | None, stride: int | None,
+def perplexity(model, tokenizer, model_dir: Path, data: list[str] | None, window: int | None, stride: int | None,
                max_tokens: int | None, show_progress: bool) -> dict:  # fmt: skip
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # Both with trust_remote_code, as outside effllm: AutoTokenizer reads config.json (and its auto_map) too.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     if data is None:
         heldout = model_dir.parent / "data" / "heldout.bin"
         if not heldout.is_file():

@@ -1,9 +1,8 @@
-"""Zero-shot tasks through lm-evaluation-harness's own ``hf`` model, loaded with trust_remote_code
-exactly as a user outside effllm would load it, so the numbers compare with published ones."""
+"""Zero-shot tasks through lm-evaluation-harness's own ``hf`` model (HFLM), so the numbers compare with
+published ones. HFLM is handed the model and tokenizer effllm loaded (the installed classes, see
+effllm.model.model_dir), not a path it would load with trust_remote_code (the directory's own code)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
@@ -13,10 +12,11 @@ from effllm.evaluation.errors import EvalError
 PAPER_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande", "mmlu"]
 
 
-def zero_shot(model_dir: Path, tasks: list[str], limit: int | None, batch_size: int, include_path: str | None) -> dict:
+def zero_shot(model, tokenizer, tasks: list[str], limit: int | None, batch_size: int, include_path: str | None) -> dict:
     try:
         import lm_eval
         from huggingface_hub.errors import LocalEntryNotFoundError
+        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise EvalError("zero-shot tasks need lm-evaluation-harness: pip install 'effllm[eval]'") from None
@@ -25,14 +25,12 @@ def zero_shot(model_dir: Path, tasks: list[str], limit: int | None, batch_size: 
     if unknown:
         raise EvalError(f"unknown lm-eval task(s) {unknown}; see `lm-eval ls tasks` or give --include-path")
     try:
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         out = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={model_dir},trust_remote_code=True,dtype=float32",
+            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
             tasks=tasks,
             num_fewshot=0,
             limit=limit,
-            batch_size=batch_size,
-            device="cuda" if torch.cuda.is_available() else "cpu",
             task_manager=manager,
             log_samples=True,
         )

@@ -30,6 +30,50 @@ class EfficientLLMConfigError(EffllmError):
     """A config that cannot describe a runnable model; the message says what to fix."""
 
 
+# What each field must be: a config.json from elsewhere with "num_hidden_layers": "thirty" is a clear
+# error here, not a TypeError deep in the model's construction.
+INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings")
+OPTIONAL_INT_FIELDS = ("head_dim", "pad_token_id", "bos_token_id")
+NUMBER_FIELDS = ("initializer_range", "rms_norm_eps", "attention_dropout")
+BOOL_FIELDS = ("use_cache", "tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_types(fields: dict) -> None:
+    def wrong(name: str, expected: str):
+        return EfficientLLMConfigError(f"{name} must be {expected}, not {fields[name]!r}")
+
+    for name in INT_FIELDS:
+        if not _is_int(fields[name]):
+            raise wrong(name, "an integer")
+    for name in OPTIONAL_INT_FIELDS:
+        if fields[name] is not None and not _is_int(fields[name]):
+            raise wrong(name, "an integer or null")
+    for name in NUMBER_FIELDS:
+        if not (_is_int(fields[name]) or isinstance(fields[name], float)):
+            raise wrong(name, "a number")
+    for name in BOOL_FIELDS:
+        if not isinstance(fields[name], bool):
+            raise wrong(name, "true or false")
+    for name in PER_LAYER_FIELDS:
+        value = fields[name]
+        if not (value is None or _is_int(value) or (isinstance(value, (list, tuple)) and all(map(_is_int, value)))):
+            raise wrong(name, "an integer or a list of integers")
+    eos = fields["eos_token_id"]
+    if not (eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos)))):
+        raise wrong("eos_token_id", "an integer, a list of integers or null")
+    for key, entry in (fields["per_layer_config"] or {}).items():
+        if not isinstance(entry, dict) or not all(_is_int(v) for v in entry.values()):
+            raise EfficientLLMConfigError(f"per_layer_config[{key}] must map field names to integers, not {entry!r}")
+        try:
+            int(key)
+        except (TypeError, ValueError):
+            raise EfficientLLMConfigError(f"per_layer_config has key {key!r}, not a layer number") from None
+
+
 class EfficientLLMConfig(PretrainedConfig):
     model_type = "effllm"
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -59,6 +103,7 @@ class EfficientLLMConfig(PretrainedConfig):
         per_layer_config: dict | None = None,
         **kwargs: Any,
     ):
+        _check_types(locals())
         # Lists are the convenient way to say "one value per layer"; they become per_layer_config.
         per_layer_lists = {
             "num_attention_heads": num_attention_heads,

@@ -14,7 +14,9 @@ import torch
 
 from effllm.common.errors import EffllmError, first_line
 from effllm.model.configuration_effllm import EfficientLLMConfig
-from effllm.model.gguf_source import check_gguf_magic, gguf_location, is_gguf_file
+from effllm.model.file_checks import gguf_problem
+from effllm.model.gguf_source import gguf_location, is_gguf_file
+from effllm.model.model_dir import check_model_files
 from effllm.model.modeling_effllm import EfficientLLMForCausalLM, EfficientLLMRotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ def source_location(source: str | os.PathLike) -> tuple[str, dict]:
     """(what transformers' from_pretrained takes first, its extra keyword arguments) for a source: a
     GGUF file is its directory plus ``gguf_file``; a directory or hub id is itself."""
     if is_gguf_file(source):
-        problem = check_gguf_magic(source)
+        problem = gguf_problem(source)
         if problem:
             raise UnsupportedSourceError(f"{problem}; give a GGUF model file, a model directory or a hub id")
         directory, name = gguf_location(source)
@@ -50,7 +52,7 @@ def load_source_config(source: str | os.PathLike):
     where, kwargs = source_location(source)
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError, ImportError) as err:
+    except (OSError, ValueError, TypeError, ImportError) as err:
         raise UnsupportedSourceError(
             f"cannot read a model config from {str(source)!r} ({first_line(err)}); give a local model directory, "
             f"a GGUF file or a Hugging Face hub id of a {'/'.join(sorted(set(SUPPORTED_MODEL_TYPES.values())))} checkpoint"
@@ -135,18 +137,20 @@ def from_pretrained(source: str | os.PathLike, dtype: torch.dtype | None = torch
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if os.path.isfile(os.path.join(source, "config.json")):
+        check_model_files(source)  # a local directory: its config and weights, before transformers reads them
     src_config = load_source_config(source)
     where, kwargs = source_location(source)
     if src_config.model_type == EfficientLLMConfig.model_type:
         model = EfficientLLMForCausalLM.from_pretrained(where, dtype=dtype).eval()
-    else:
-        source_model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    else:  # only architectures transformers ships (SUPPORTED_MODEL_TYPES), never a directory's own code
+        source_model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **kwargs)
         model = from_source_model(source_model, dtype=dtype)
         del source_model
     tok = None
     if tokenizer:
         try:
-            tok = AutoTokenizer.from_pretrained(where, **kwargs)
+            tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **kwargs)
         except (OSError, ValueError) as err:
             logger.warning("no tokenizer found with %s (%s); continuing without one", source, err)
     return model, tok

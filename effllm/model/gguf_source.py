@@ -3,15 +3,14 @@
 transformers' GGUF loader (it needs the ``gguf`` package) reads the file's metadata as a Llama /
 Qwen2 / Mistral config, dequantizes its tensors to float and builds the tokenizer from the file's
 own vocabulary, so a GGUF source then converts exactly like a Hugging Face directory. The weights
-keep whatever the file's quantization left of them (a Q4 file gives weights on a 4-bit grid).
+keep whatever the file's quantization left of them (a Q4 file gives weights on a 4-bit grid). Its header
+is checked first (file_checks.gguf_problem): transformers' reader trusts the counts it finds there.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-GGUF_MAGIC = b"GGUF"
 
 
 def is_gguf_file(source: str | os.PathLike) -> bool:
@@ -24,12 +23,3 @@ def gguf_location(source: str | os.PathLike) -> tuple[str, str]:
     """(directory, file name): how transformers' ``from_pretrained(dir, gguf_file=name)`` is called."""
     path = Path(source).resolve()
     return str(path.parent), path.name
-
-
-def check_gguf_magic(source: str | os.PathLike) -> str | None:
-    """None for a file that starts like a GGUF file, else what is wrong with it (one line)."""
-    with open(source, "rb") as f:
-        head = f.read(4)
-    if head != GGUF_MAGIC:
-        return f"{source} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})"
-    return None

@@ -1,9 +1,10 @@
 """Atomic training checkpoints with everything an exact resume needs.
 
 Layout of <out>/checkpoint/: model/ (an HF model directory at the current, possibly pruned,
-shapes), state.pt (optimizer, pruner EMAs, RNG states), trainer.json (step, tokens, data position,
-run bookkeeping). A new checkpoint is written beside the old one and swapped in by rename, so a
-crash at any moment leaves one complete checkpoint.
+shapes), state.safetensors + state.json (optimizer, pruner EMAs, RNG states: tensors and the rest,
+see state_files.py; data only, so loading a checkpoint runs no code), trainer.json (step, tokens,
+data position, run bookkeeping). A new checkpoint is written beside the old one and swapped in by
+rename, so a crash at any moment leaves one complete checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import torch
 
 from effllm.common.errors import EffllmError
 from effllm.common.fileio import staged_dir, write_json_atomic
+from effllm.training.state_files import load_state, save_state
+
+STATE = "state"  # state.safetensors + state.json
+OLD_STATE = "state.pt"  # a pickle, what earlier effllm versions wrote; never loaded
 
 
 class CheckpointError(EffllmError):
@@ -43,14 +48,12 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, pruner, trainer_sta
         model.save_pretrained(tmp / "model")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "model")
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "pruner": pruner.state_dict() if pruner is not None else None,
-                "rng": rng_state(),
-            },
-            tmp / "state.pt",
-        )
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "pruner": pruner.state_dict() if pruner is not None else None,
+            "rng": rng_state(),
+        }
+        save_state(state, tmp, STATE)
         write_json_atomic(tmp / "trainer.json", trainer_state)
 
 
@@ -64,12 +67,17 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[Path, dict, dict]:
-    """(model directory, tensors from state.pt, trainer.json), or CheckpointError naming the problem."""
+    """(model directory, the state save_checkpoint wrote, trainer.json), or CheckpointError naming the problem."""
     if not (path / "trainer.json").is_file():
         raise CheckpointError(f"no checkpoint in {path}; start without --resume (or with --overwrite)")
+    if (path / OLD_STATE).is_file() and not (path / f"{STATE}.json").is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is in the old format ({OLD_STATE}, a pickle, which effllm no longer loads because "
+            "loading it can run code); restart the run with --overwrite"
+        )
     try:
         trainer_state = json.loads((path / "trainer.json").read_text())
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        state = load_state(path, STATE)
         if not (path / "model" / "config.json").is_file():
             raise FileNotFoundError("model/config.json missing")
         for key in ("optimizer", "rng"):

@@ -150,7 +150,7 @@ def write_report(
         architecture_summary(config),
         "```",
         "",
-        "Files: [model/](model/) (`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`; the "
+        "Files: [model/](model/) (`import effllm`, then `AutoModelForCausalLM.from_pretrained(dir)`; the "
         "tokenizer alone: `PreTrainedTokenizerFast.from_pretrained(dir)`), [results.json](results.json), "
         "[metrics.jsonl](metrics.jsonl), [evals.jsonl](evals.jsonl), [prune_log.jsonl](prune_log.jsonl).",
         "",

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import torch
 
+from effllm.common.errors import first_line
 from effllm.model.configuration_effllm import EfficientLLMConfig
 from effllm.model.convert import UnsupportedSourceError, from_pretrained
+from effllm.model.file_checks import BadModelFileError
+from effllm.model.model_dir import check_model_files, load_tokenizer
 from effllm.model.modeling_effllm import EfficientLLMForCausalLM
 from effllm.training import distributed as D
 from effllm.training.checkpoint import (
@@ -35,8 +38,6 @@ from effllm.training.run_files import JsonlLog
 # ---- the starting point -------------------------------------------------------------------------
 def load_model_and_tokenizer(cfg: TrainConfig, out: Path, info: D.DistInfo):
     """The starting model (source import, or random init from --init-config) and its tokenizer."""
-    from transformers import AutoTokenizer
-
     if cfg.init_config:
         path = Path(cfg.init_config)
         try:
@@ -47,8 +48,8 @@ def load_model_and_tokenizer(cfg: TrainConfig, out: Path, info: D.DistInfo):
         model = EfficientLLMForCausalLM(config)
         tok_source = path if path.is_dir() else path.parent
         try:
-            tokenizer = AutoTokenizer.from_pretrained(tok_source)
-        except (OSError, ValueError):
+            tokenizer = load_tokenizer(tok_source)
+        except BadModelFileError:
             raise TrainError(f"--init-config {cfg.init_config}: put the tokenizer files next to config.json") from None
         return model, tokenizer
     try:
@@ -63,7 +64,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, out: Path, info: D.DistInfo):
 @dataclass
 class Start:
     """Where a run starts: a model and tokenizer, and on --resume from a checkpoint its saved plan
-    and ``resume`` = (tensors from state.pt, trainer.json)."""
+    and ``resume`` = (the checkpoint's state, trainer.json)."""
 
     model: EfficientLLMForCausalLM
     tokenizer: object
@@ -82,10 +83,12 @@ def load_start(cfg: TrainConfig, out: Path, info: D.DistInfo) -> Start:
             model_dir, tensors, trainer_state = load_checkpoint(checkpoint)
         except CheckpointError as err:
             raise TrainError(str(err)) from None
-        from transformers import AutoTokenizer
-
+        try:
+            check_model_files(model_dir)
+        except BadModelFileError as err:
+            raise TrainError(f"{err} (in the checkpoint: restart the run with --overwrite)") from None
         model = EfficientLLMForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         return Start(model, tokenizer, Plan(**trainer_state["plan"]), (tensors, trainer_state))
     model, tokenizer = load_model_and_tokenizer(cfg, out, info)
     return Start(model, tokenizer)
@@ -220,13 +223,19 @@ def build_state(cfg: TrainConfig, info: D.DistInfo, out: Path, start: Start, pla
     logs = (state.metrics, state.prune_log, state.evals)
     if start.resume is not None:
         tensors, trainer_state = start.resume
-        optimizer.load_state_dict(tensors["optimizer"])
-        if pruner is not None:
-            pruner.load_state_dict(tensors["pruner"])
-        stream.load_state_dict(trainer_state["data"][str(info.rank)] if "data" in trainer_state else {})
-        set_rng_state(tensors["rng"])
-        state.step, state.tokens_seen = trainer_state["step"], trainer_state["tokens"]
-        state.ledger = trainer_state["run_state"]
+        try:  # a state that parses but does not fit this model is as unusable as an unreadable one
+            optimizer.load_state_dict(tensors["optimizer"])
+            if pruner is not None:
+                pruner.load_state_dict(tensors["pruner"])
+            stream.load_state_dict(trainer_state["data"][str(info.rank)] if "data" in trainer_state else {})
+            set_rng_state(tensors["rng"])
+            state.step, state.tokens_seen = trainer_state["step"], trainer_state["tokens"]
+            state.ledger = trainer_state["run_state"]
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            raise TrainError(
+                f"checkpoint in {out} does not fit its model ({type(err).__name__}: {first_line(err)}); "
+                "delete it and restart with --overwrite"
+            ) from None
         for log in logs:
             log.truncate_after(state.step)
     elif cfg.resume:  # killed before its first checkpoint: records of that attempt are dropped
