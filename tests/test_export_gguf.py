@@ -115,9 +115,8 @@ def test_standins_are_written_only_where_llamacpp_needs_them():
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(PATTERNS))
-def test_llamacpp_logits_and_greedy_tokens_match_torch(name, tokenizer):
-    model, path = exported(name, tokenizer)
+def assert_llamacpp_matches_torch(model, path, tokenizer, label) -> None:
+    """Every logit of the prompts and their greedy continuations within fp32's tolerance, and the same tokens."""
     backend = LlamaCppBackend(path, threads=1, kv_cache="f32")
     try:
         for text in PROMPTS:
@@ -128,10 +127,16 @@ def test_llamacpp_logits_and_greedy_tokens_match_torch(name, tokenizer):
             got = [backend.forward_all(prompt, 0)]  # prefill, then one decode step per greedy token
             got += [backend.forward_all([t], len(prompt) + i) for i, t in enumerate(expected[:-1])]
             got = np.concatenate(got)
-            assert np.abs(got - reference).max() <= max_logit_diff("fp32", reference), name
-            assert got[len(prompt) - 1 :].argmax(-1).tolist() == expected, name
+            assert np.abs(got - reference).max() <= max_logit_diff("fp32", reference), label
+            assert got[len(prompt) - 1 :].argmax(-1).tolist() == expected, label
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_llamacpp_logits_and_greedy_tokens_match_torch(name, tokenizer):
+    model, path = exported(name, tokenizer)
+    assert_llamacpp_matches_torch(model, path, tokenizer, name)
 
 
 def test_f16_weights_stay_within_their_threshold(tokenizer):

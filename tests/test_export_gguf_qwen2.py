@@ -22,8 +22,8 @@ from effllm.export.gguf_export import export_gguf, rope_rows_to_interleaved
 from effllm.export.gguf_quantize import quantize_gguf, tensor_types
 from effllm.export.verify import MAX_REL_LOGIT_DIFF, max_logit_diff
 from effllm.runtime.llamacpp_backend import LlamaCppBackend
-from export_helpers import PROMPTS, save_model_dir, scratch_dir, torch_greedy
-from test_export_gguf import PATTERNS
+from export_helpers import PROMPTS, save_model_dir, scratch_dir
+from test_export_gguf import PATTERNS, assert_llamacpp_matches_torch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -108,20 +108,7 @@ def test_llamacpp_matches_torch_with_biases_and_standins(name, extra, tokenizer)
     """f32 weights: every logit within fp32's tolerance and the same greedy tokens, with the zero-width
     stand-ins (which carry no biases) in a biased model."""
     model, path = exported(name, tokenizer, **extra)
-    backend = LlamaCppBackend(path, threads=1, kv_cache="f32")
-    try:
-        for text in PROMPTS:
-            prompt = tokenizer(text)["input_ids"]
-            expected = torch_greedy(model, prompt, GREEDY)
-            with torch.no_grad():
-                reference = model(torch.tensor([prompt + expected[:-1]]), use_cache=False).logits[0].numpy()
-            got = [backend.forward_all(prompt, 0)]
-            got += [backend.forward_all([t], len(prompt) + i) for i, t in enumerate(expected[:-1])]
-            got = np.concatenate(got)
-            assert np.abs(got - reference).max() <= max_logit_diff("fp32", reference), (name, extra)
-            assert got[len(prompt) - 1 :].argmax(-1).tolist() == expected, (name, extra)
-    finally:
-        backend.close()
+    assert_llamacpp_matches_torch(model, path, tokenizer, (name, extra))
 
 
 def test_quantized_bias_model_keeps_its_biases_in_f32(tokenizer):
