@@ -19,6 +19,7 @@ and seed, so every compared pair is within one small group (< 1%) of each other.
     python bench/method.py                 # the CPU study, ~90 min on 2 idle cores, resumes finished cells
     python bench/method.py --preset gpu    # one GPU, bf16, larger source (give it a bigger --data)
     python bench/method.py --preset smoke  # seconds; what the tests run
+    python bench/method.py --preset real   # the same question on a real source (bench/method_real.py)
 
 Writes bench/results/method.{json,md} and the plots beside them (--results elsewhere). A winner is
 called only where the gap between the means exceeds two standard errors; otherwise "tie".
@@ -40,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # method_corpus, method_report beside this file
 
 from method_grid import ONESHOT, PAP, PRESETS, Cell, Preset, build_grid, source_config, stem_price  # noqa: E402
+from method_real_grid import REAL_PRESETS  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -335,13 +337,22 @@ def _main(argv) -> int:
     from effllm.model.params import count_parameters
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="study size (default: cpu)")
+    p.add_argument("--preset", choices=sorted(PRESETS) + sorted(REAL_PRESETS), default="cpu",
+                   help="study size (default: cpu); real, real-gpu, real-smoke: the study on a real source "
+                   "(bench/method_real.py)")  # fmt: skip
     p.add_argument("--data", nargs="+", help="your own corpus (any effllm-train --data); default: the preset's")
+    p.add_argument("--source", help="real presets: S (model directory, GGUF file or hub id); default: the preset's")
+    p.add_argument("--general", nargs="+", help="real presets: the general-English held-out text; default: fortunes")
     p.add_argument("--out", help="working directory for the runs (default: runs/method-<preset>)")
     p.add_argument("--results", default=str(RESULTS), help="where method.{json,md} and the plots go")
     p.add_argument("--workers", type=int, help="cells run side by side (default: the preset's)")
     p.add_argument("--stage", choices=["source", "all"], default="all", help="'source' stops after S")
     args = p.parse_args(argv)
+    if args.preset in REAL_PRESETS:
+        from method_real import run_real_study
+
+        root = Path(args.out or f"runs/method-{args.preset}")
+        return run_real_study(args.preset, root, Path(args.results), args.source, args.data, args.general)
     preset = PRESETS[args.preset]
     if args.workers:
         preset = replace(preset, workers=args.workers)

@@ -22,6 +22,18 @@ from effllm.common.errors import EffllmError
 DOC_ROOTS = sorted(Path("/usr/share/doc").glob("linux-doc-*/Documentation"))
 INSTALL_HINT = "apt-get install linux-doc-6.1"
 
+# General English from another source, for the real-source study's second held-out kind (what a model
+# trained on kernel documentation must not forget): Debian's fortune-mod collection (BSD), one quotation,
+# anecdote, poem or joke a document. Only its prose files: not the computing ones (close to the training
+# domain), ASCII art, or collections that are mostly names and jargon.
+FORTUNES_ROOT = Path("/usr/share/games/fortunes")
+FORTUNES_HINT = "apt-get install fortunes"
+FORTUNE_FILES = (
+    "art", "education", "food", "fortunes", "humorists", "kids", "law", "literature", "love", "medicine",
+    "men-women", "miscellaneous", "news", "people", "pets", "platitudes", "politics", "science", "sports",
+    "wisdom", "work",
+)  # fmt: skip
+
 
 def linux_doc_files() -> list[Path]:
     """The English .rst(.gz) documents of the newest installed linux-doc package, in a stable order."""
@@ -43,12 +55,31 @@ def write_corpus_jsonl(out: Path) -> Path:
     """Write the corpus as JSONL (one document a line) once; reused while it exists."""
     if out.is_file():
         return out
+    texts = (read_document(path).strip() for path in linux_doc_files())
+    return write_documents_jsonl((t for t in texts if len(t) >= 200), out)  # stubs and index pages carry no prose
+
+
+def fortune_documents() -> list[str]:
+    """The fortunes of FORTUNE_FILES in a stable order (files sorted, each file's own order)."""
+    missing = [name for name in FORTUNE_FILES if not (FORTUNES_ROOT / name).is_file()]
+    if missing:
+        raise EffllmError(
+            f"the general-English held-out text is not installed ({FORTUNES_ROOT / missing[0]} is missing): "
+            f"run `{FORTUNES_HINT}` (Debian), or pass your own text with --general"
+        )
+    docs = []
+    for name in sorted(FORTUNE_FILES):
+        text = (FORTUNES_ROOT / name).read_text(encoding="utf-8", errors="replace")
+        docs += [d.strip() for d in text.split("\n%\n") if len(d.strip()) >= 40]  # "%" lines separate them
+    return docs
+
+
+def write_documents_jsonl(docs, out: Path) -> Path:
+    """Documents as JSONL (one a line), written to a temporary file and renamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w") as f:
-        for path in linux_doc_files():
-            text = read_document(path).strip()
-            if len(text) >= 200:  # stubs and index pages carry no prose
-                f.write(json.dumps({"text": text}) + "\n")
+        for text in docs:
+            f.write(json.dumps({"text": text}) + "\n")
     os.replace(tmp, out)
     return out

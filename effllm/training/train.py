@@ -177,11 +177,11 @@ def announce(state: RunState) -> None:
     plan = state.plan
     print(architecture_summary(state.model.config), flush=True)
     if plan.target_params:
-        print(
-            f"pruning {format_count(plan.source_params)} -> {format_count(plan.target_params)} over tokens "
-            f"{plan.prune_start:,}..{plan.prune_end:,}, then continued pretraining to {plan.total_steps * plan.tokens_per_step:,}",
-            flush=True,
-        )
+        total = plan.total_steps * plan.tokens_per_step
+        # the one-shot and staged removals say when they happen on the schedule line below
+        over = f" over tokens {plan.prune_start:,}..{plan.prune_end:,}," if state.cfg.schedule == "continuous" else ","
+        print(f"pruning {format_count(plan.source_params)} -> {format_count(plan.target_params)}{over} "
+              f"then continued pretraining to {total:,} tokens", flush=True)  # fmt: skip
         print(schedules.describe(state.cfg, state.budget), flush=True)
     if state.distill is not None:
         print(f"distilling from {state.cfg.teacher or plan.source} (T={state.distill.temperature:g}, "

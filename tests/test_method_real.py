@@ -1,0 +1,103 @@
+"""bench/method.py's real-source study at its smoke size, on a tiny source the test builds: every cell runs
+through effllm-train (continuous and one-shot, with and without --distill, the uniform shape of the best
+recipe, the unpruned ceiling), compared cells have equal sizes, the judgement (two held-out kinds, top-1
+against S, samples with a repetition measure) lands in method_real_smoke.{json,md}, and a rerun reuses
+every finished cell."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import method  # noqa: E402
+import method_real  # noqa: E402
+import method_real_grid as grid  # noqa: E402
+
+
+def test_repeated_4gram_share_counts_4grams_seen_earlier():
+    assert method_real.repeated_4gram_share([1, 2, 3, 4, 5, 6]) == 0.0
+    assert method_real.repeated_4gram_share([7] * 8) == pytest.approx(4 / 5)  # 5 4-grams, the last 4 repeat
+    assert method_real.repeated_4gram_share([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)
+    assert method_real.repeated_4gram_share([1, 2]) == 0.0
+
+
+def test_uniform_cells_take_the_recipe_of_lowest_mean_in_domain_ppl():
+    preset = grid.REAL_PRESETS["real"]
+    rows = {}
+    for cell in grid.recipe_cells(preset):
+        # one-shot + distill best at 0.5 on average although continuous wins seed 1; continuous best at 0.7
+        ppl = {(grid.ONE_SHOT, True, 0.5): [20, 10], (grid.CONTINUOUS, False, 0.5): [19, 30],
+               (grid.CONTINUOUS, False, 0.7): [9, 9]}.get((cell.schedule, cell.distill, cell.target), [40, 40])  # fmt: skip
+        rows[cell.key] = {"domain": {"ppl": ppl[preset.seeds.index(cell.seed)]}}
+    chosen = {(c.target, c.schedule, c.distill, c.shape) for c in grid.uniform_cells(preset, rows)}
+    assert chosen == {(0.5, grid.ONE_SHOT, True, "uniform"), (0.7, grid.CONTINUOUS, False, "uniform")}
+    assert len(grid.recipe_cells(preset)) + 2 * len(preset.seeds) == 22  # the ~5 h study: 22 cells
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    from conftest import tiny_model
+
+    from effllm.data.corpus import python_docs_corpus
+    from effllm.model.tokenizer import train_ascii_bpe
+
+    tmp = tmp_path_factory.mktemp("real-smoke")
+    docs = python_docs_corpus(include_stdlib=False)
+    tokenizer = train_ascii_bpe(docs, vocab_size=512)
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    model = tiny_model(0, vocab_size=len(tokenizer), **ids)
+    model.save_pretrained(tmp / "S")
+    tokenizer.save_pretrained(tmp / "S")
+    for name, part in (("domain", docs[: len(docs) // 2]), ("general", docs[len(docs) // 2 :])):
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    argv = ["--preset", "real-smoke", "--source", str(tmp / "S"), "--data", str(tmp / "domain.jsonl"),
+            "--general", str(tmp / "general.jsonl"), "--out", str(tmp / "root"), "--results", str(tmp / "results")]  # fmt: skip
+    assert method.main(argv) == 0
+    return tmp, argv
+
+
+def test_real_smoke_study_runs_every_cell_at_equal_sizes_and_judges_them(smoke_study):
+    tmp, _ = smoke_study
+    result = json.loads((tmp / "results" / "method_real_smoke.json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 12  # (2 schedules x 2 losses + ceiling) x 2 seeds + uniform x 2 seeds
+    source = result["source"]["params"]
+    for seed in (1, 2):
+        sizes = [r["params"] for r in rows.values() if r["seed"] == seed and r["target"] == 0.5]
+        assert max(sizes) - min(sizes) <= 0.005 * source  # every compared cell within 0.5% of S
+        ceiling = rows[grid.RealCell(grid.CEILING, 1.0, seed).key]
+        assert ceiling["params"] == source and ceiling["tokens"] == 1_024
+    uniform = [r for r in rows.values() if r["shape"] == "uniform"]
+    assert len(uniform) == 2 and all(len({tuple(s) for s in r["layer_shapes"]}) == 1 for r in uniform)
+    irregular_kd = rows[grid.RealCell(grid.ONE_SHOT, 0.5, 1, True).key]
+    for row in rows.values():
+        for kind in ("domain", "general"):
+            assert row[kind]["ppl"] > 1 and 0 <= row[kind]["top1_vs_source"] <= 1
+        assert len(row["samples"]) == len(grid.PROMPTS) and 0 <= row["repeated_4grams"] <= 1
+    # distillation pulls the student's argmax toward S's: more agreement than the LM loss alone
+    assert (
+        irregular_kd["domain"]["top1_vs_source"]
+        > rows[grid.RealCell(grid.ONE_SHOT, 0.5, 1).key]["domain"]["top1_vs_source"]
+    )
+    verdicts = {(v["a"], v["b"], v["kind"]) for v in result["verdicts"]}
+    assert ("continuous", "one-shot", "domain") in verdicts and (
+        "one-shot",
+        "one-shot + distill",
+        "general",
+    ) in verdicts
+    md = (tmp / "results" / "method_real_smoke.md").read_text()
+    assert "repeated 4-grams" in md and grid.PROMPTS[0] in md and "| 1 | ceiling | 2 |" in md
+
+
+def test_real_smoke_study_rerun_reuses_every_cell(smoke_study):
+    tmp, argv = smoke_study
+    judged = sorted((tmp / "root" / "runs").glob("*/judged.json"))
+    before = {p: p.stat().st_mtime_ns for p in judged}
+    assert len(judged) == 12 and method.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in judged} == before
