@@ -195,7 +195,7 @@ def export_gguf(
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     hidden, head_dim, n_layers = config.hidden_size, config.head_dim, config.num_hidden_layers
     shapes = config.layer_shapes()
-    plain = len(set(shapes)) == 1 and 0 not in shapes[0]
+    plain = config.uniform_layer_shape() is not None
     arch = PLAIN_ARCH if plain else ARCH
     layers = gguf_layers(shapes, standins)
 

@@ -26,6 +26,13 @@ except ImportError:  # the copy in a model directory, loaded with trust_remote_c
 PER_LAYER_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
+
+def uniform_shape(shapes: list[tuple[int, int, int]]) -> tuple[int, int, int] | None:
+    """The (heads, KV heads, FFN width) all ``shapes`` share, when they share one with no zero; else None.
+    What stock loaders and llama.cpp's plain llama architecture can hold."""
+    first = shapes[0] if shapes else None
+    return first if first is not None and 0 not in first and all(s == first for s in shapes) else None
+
 class EfficientLLMConfigError(EffllmError):
     """A config that cannot describe a runnable model; the message says what to fix."""
 
@@ -181,6 +188,10 @@ class EfficientLLMConfig(PretrainedConfig):
         for layer in self.per_layer_config:
             shapes.append((layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size))
         return shapes
+
+    def uniform_layer_shape(self) -> tuple[int, int, int] | None:
+        """The one shape every layer has, none of it zero (a --shape uniform model); None otherwise."""
+        return uniform_shape(self.layer_shapes())
 
     def attention_layer_indices(self) -> list[int]:
         """Layers that have attention; the KV cache (and ONNX past/present) is indexed by position in this list."""

@@ -39,13 +39,14 @@ def plain_config(config):
     """The stock LlamaConfig / Qwen2Config of a uniform EfficientLLMConfig; NotUniformError otherwise."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    shapes = set(config.layer_shapes())
-    if len(shapes) != 1 or 0 in next(iter(shapes)):
+    shape = config.uniform_layer_shape()
+    if shape is None:
+        shapes = set(config.layer_shapes())
         raise NotUniformError(
             f"the model's layers have {len(shapes)} different shapes (heads, KV heads, FFN) "
             f"{sorted(shapes)[:3]}; only a model pruned with --shape uniform saves as a plain Llama/Qwen2"
         )
-    heads, kv_heads, ffn = next(iter(shapes))
+    heads, kv_heads, ffn = shape
     common = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,

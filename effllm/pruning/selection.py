@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from effllm.model.configuration_effllm import uniform_shape
+
 from .config import PruningConfig
 from .groups import GroupType, ModelShapes, block_units
 
@@ -125,7 +127,7 @@ def _density(parts: list[Part], type_rank: int) -> tuple:
 
 def check_uniform(shapes: ModelShapes) -> None:
     """ValueError unless every layer has the same heads, KV heads and FFN width (none of them zero)."""
-    if len(set(shapes.layer_shapes())) != 1 or 0 in shapes.layer_shapes()[0]:
+    if uniform_shape(shapes.layer_shapes()) is None:
         raise ValueError(
             "shape 'uniform' needs a model whose layers all have the same nonzero shape "
             f"(got heads/KV heads/FFN {sorted(set(shapes.layer_shapes()))[:3]}...); "
