@@ -101,6 +101,28 @@ def test_distill_sigkill_then_resume_is_bitwise_equal(workspace):  # noqa: F811
     assert a != b
 
 
+def _prune_log(path) -> list[dict]:
+    return [json.loads(line) for line in (path / "prune_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("schedule", ["continuous", "one-shot"])
+def test_distill_ranks_groups_by_the_models_own_loss(workspace, schedule):  # noqa: F811
+    """The KD gradient is zero while the student equals its teacher (the source), so a saliency taken from it
+    ranks nothing (SmolLM2-135M lost 90% of its attention that way). The first removal with --distill must
+    be the one without it: the same groups, the same nonzero saliency."""
+    common = ("--target-params", "0.6", "--tokens", "2560", "--prune-tokens", "1280", "--schedule", schedule,
+              "--calibration-batches", "2")  # fmt: skip
+    logs = {}
+    for name, extra in (("plain", ()), ("kd", ("--distill",))):
+        r = run_cli(*_args(workspace, f"rank-{schedule}-{name}", *common, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+        log = _prune_log(workspace / f"rank-{schedule}-{name}")
+        logs[name] = [
+            (rec["type"], rec["layer"], rec["index"], rec["saliency"]) for rec in log if rec["step"] == log[0]["step"]
+        ]
+    assert logs["kd"] == logs["plain"] and any(saliency > 0 for *_, saliency in logs["kd"])
+
+
 def test_torchrun_two_ranks_agree_with_distill_and_a_staged_schedule(workspace):  # noqa: F811
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
                 "-m", "effllm.cli"]  # fmt: skip

@@ -137,7 +137,9 @@ def before_step(state) -> None:
     while done < len(stages) and state.tokens_seen >= stages[done][0]:
         start = time.perf_counter()
         state.model.train()
-        loss = lambda ids: training_loss(state.net, ids, state.autocast, state.distill)  # noqa: E731
+        # the model's own next-token loss even with --distill: the KD gradient is zero while the student
+        # still equals its teacher, so it cannot rank groups (and the pass is not trained on)
+        loss = lambda ids: training_loss(state.net, ids, state.autocast)  # noqa: E731
         last = calibrate(state.pruner, calibration_batches(state, done), loss)
         limit = stages[done][1]
         records = remove_to(state, limit, last[:, :-1], exact=limit <= plan.target_params, stage=done + 1)

@@ -141,27 +141,43 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
-def train_step(state: RunState) -> tuple[float, torch.Tensor]:
-    """One optimizer step over ``grad_accum`` micro-batches (saliency updated from the same
-    gradients during the pruning phase); returns the step's mean loss and its last micro-batch."""
-    cfg, plan, info, optimizer = state.cfg, state.plan, state.info, state.optimizer
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(state.step, plan.total_steps, cfg)
-    state.model.train()
-    step_loss = 0.0
-    for micro in range(cfg.grad_accum):
-        batch = state.stream.next_batch().to(state.device)
+def backward_pass(state: RunState, batches: list[torch.Tensor], distiller) -> float:
+    """Forward and backward of every micro-batch (gradients accumulate; DDP syncs on the last one); the mean loss."""
+    cfg, info = state.cfg, state.info
+    mean_loss = 0.0
+    for micro, batch in enumerate(batches):
         sync = contextlib.nullcontext()
-        if info.enabled and micro < cfg.grad_accum - 1:
+        if info.enabled and micro < len(batches) - 1:
             sync = state.net.no_sync()
         with sync:
-            loss = distill.training_loss(state.net, batch, state.autocast, state.distill)
+            loss = distill.training_loss(state.net, batch, state.autocast, distiller)
             (loss / cfg.grad_accum).backward()
-        step_loss += loss.item() / cfg.grad_accum
+        mean_loss += loss.item() / cfg.grad_accum
         # Drop the graph now: its AccumulateGrad nodes remember parameter shapes, and
         # surgery in a prune step changes them (a live node would reject the next backward's grads).
         del loss
-    if schedules.tracks_saliency(state):
+    return mean_loss
+
+
+def train_step(state: RunState) -> tuple[float, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches (in the pruning phase the saliency is updated
+    from the same gradients, or with --distill from a next-token-loss pass of its own); returns the step's
+    mean loss and its last micro-batch."""
+    cfg, plan, optimizer = state.cfg, state.plan, state.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(state.step, plan.total_steps, cfg)
+    state.model.train()
+    batches = [state.stream.next_batch().to(state.device) for _ in range(cfg.grad_accum)]
+    saliency = schedules.tracks_saliency(state)
+    if saliency and state.distill is not None:
+        # The KD gradient vanishes while the student still equals its teacher (the source), so it says
+        # nothing about which groups matter: the saliency comes from the model's own next-token loss on
+        # the same batches, in a pass of its own (what one-shot calibration measures too).
+        backward_pass(state, batches, None)
+        state.pruner.update_saliency(tokens=plan.tokens_per_step)
+        optimizer.zero_grad(set_to_none=True)
+    step_loss = backward_pass(state, batches, state.distill)
+    if saliency and state.distill is None:
         state.pruner.update_saliency()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
@@ -169,7 +185,7 @@ def train_step(state: RunState) -> tuple[float, torch.Tensor]:
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens_seen += plan.tokens_per_step
-    return step_loss, batch
+    return step_loss, batches[-1]
 
 
 # ---- the loop -------------------------------------------------------------------------------------
