@@ -191,7 +191,6 @@ class RealStudy:
 
         from effllm.data.prepare import prepare_tokens
         from effllm.model.model_dir import load_model
-        from effllm.model.params import count_parameters
 
         self.preset, self.root = preset, root
         self.source = str(prepare_source(source or preset.source, root))
@@ -212,7 +211,7 @@ class RealStudy:
             "general": "the fortune-mod collection's prose (quotations, literature, humour)"
             if general is None else " ".join(general),
         }  # fmt: skip
-        self.source_row = {**s, "params": count_parameters(load_model(self.source).config).total}
+        self.source_row = {**s, "params": sum(p.numel() for p in load_model(self.source).parameters())}
         torch.set_num_threads(os.cpu_count() or 1)
 
     def config(self, cell: RealCell):
