@@ -51,12 +51,17 @@ def read_document(path: Path) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+def linux_doc_documents():
+    """The corpus's documents, in a stable order, without stubs and index pages (they carry no prose)."""
+    texts = (read_document(path).strip() for path in linux_doc_files())
+    return (t for t in texts if len(t) >= 200)
+
+
 def write_corpus_jsonl(out: Path) -> Path:
     """Write the corpus as JSONL (one document a line) once; reused while it exists."""
     if out.is_file():
         return out
-    texts = (read_document(path).strip() for path in linux_doc_files())
-    return write_documents_jsonl((t for t in texts if len(t) >= 200), out)  # stubs and index pages carry no prose
+    return write_documents_jsonl(linux_doc_documents(), out)
 
 
 def fortune_documents() -> list[str]:

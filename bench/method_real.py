@@ -86,7 +86,7 @@ def prepare_source(source: str | None, root: Path) -> Path | str:
 
 def split_documents(data: list[str] | None, every: int, root: Path) -> tuple[Path, Path]:
     """(training JSONL, held-out JSONL) of the domain text: every ``every``-th whole document held out."""
-    from method_corpus import linux_doc_files, read_document, write_documents_jsonl
+    from method_corpus import linux_doc_documents, write_documents_jsonl
 
     from effllm.data.sources import iter_pieces, resolve_sources
 
@@ -94,7 +94,7 @@ def split_documents(data: list[str] | None, every: int, root: Path) -> tuple[Pat
     if train.is_file() and heldout.is_file():
         return train, heldout
     if data is None:
-        docs = [t for t in (read_document(p).strip() for p in linux_doc_files()) if len(t) >= 200]
+        docs = list(linux_doc_documents())
     else:
         docs, parts = [], []
         for source in resolve_sources(data):
@@ -164,7 +164,7 @@ def judge(model_dir: str, texts: dict, reference: dict | None, preset: RealPrese
     from effllm.model.model_dir import load_model
 
     model = load_model(model_dir)
-    result = {}
+    result = {"params": sum(p.numel() for p in model.parameters())}
     for kind, windows in texts.items():
         ppl, argmax = score(model, windows)
         agree = None if reference is None else (argmax == reference[kind]).float().mean().item()
@@ -190,7 +190,6 @@ class RealStudy:
         from transformers import AutoTokenizer
 
         from effllm.data.prepare import prepare_tokens
-        from effllm.model.model_dir import load_model
 
         self.preset, self.root = preset, root
         self.source = str(prepare_source(source or preset.source, root))
@@ -211,7 +210,7 @@ class RealStudy:
             "general": "the fortune-mod collection's prose (quotations, literature, humour)"
             if general is None else " ".join(general),
         }  # fmt: skip
-        self.source_row = {**s, "params": sum(p.numel() for p in load_model(self.source).parameters())}
+        self.source_row = s
         torch.set_num_threads(os.cpu_count() or 1)
 
     def config(self, cell: RealCell):
