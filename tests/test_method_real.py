@@ -1,8 +1,8 @@
-"""bench/method.py's real-source study at its smoke size, on a tiny source the test builds: every cell runs
-through effllm-train (continuous and one-shot, with and without --distill, the uniform shape of the best
-recipe, the unpruned ceiling), compared cells have equal sizes, the judgement (two held-out kinds, top-1
-against S, samples with a repetition measure) lands in method_real_smoke.{json,md}, and a rerun reuses
-every finished cell."""
+"""bench/method.py's real-source study, its GPU preset at toy size (bf16 autocast on the CPU), on a tiny
+source the test builds: every cell runs through effllm-train (continuous and one-shot, with and without
+--distill, the uniform shape of the best recipe, the unpruned ceiling), compared cells have equal sizes, the
+judgement (two held-out kinds, top-1 against S, samples with a repetition measure) lands in
+method_real_smoke.{json,md}, and a rerun reuses every finished cell."""
 
 from __future__ import annotations
 
@@ -73,10 +73,12 @@ def test_real_smoke_study_runs_every_cell_at_equal_sizes_and_judges_them(smoke_s
     assert len(rows) == 12  # (2 schedules x 2 losses + ceiling) x 2 seeds + uniform x 2 seeds
     source = result["source"]["params"]
     for seed in (1, 2):
-        sizes = [r["params"] for r in rows.values() if r["seed"] == seed and r["target"] == 0.5]
+        sizes = [r["params"] for r in rows.values() if r["seed"] == seed and r["target"] == 0.375]
         assert max(sizes) - min(sizes) <= 0.005 * source  # every compared cell within 0.5% of S
         ceiling = rows[grid.RealCell(grid.CEILING, 1.0, seed).key]
         assert ceiling["params"] == source and ceiling["tokens"] == 1_024
+    for key in rows:  # the GPU preset's bf16 autocast reached every effllm-train run
+        assert json.loads((tmp / "root" / "runs" / key / "run.json").read_text())["config"]["dtype"] == "bf16"
     uniform = [r for r in rows.values() if r["shape"] == "uniform"]
     assert len(uniform) == 2 and all(len({tuple(s) for s in r["layer_shapes"]}) == 1 for r in uniform)
     for row in rows.values():

@@ -39,6 +39,9 @@ def test_recipe_names_and_paths(tmp_path):
     path.write_text("tokenz: 5\n")
     with pytest.raises(RecipeError, match="unknown keys"):
         load_recipe(str(path))
+    path.write_text("dtype: bfloat16\n")  # argparse never sees a recipe's values: the config checks its choices
+    with pytest.raises(RecipeError, match=r"dtype 'bfloat16' is not one of \['auto', 'fp32', 'bf16'\]"):
+        build_config(str(path), parser().parse_args([]))
 
 
 def test_known_sources_match_their_public_sizes():

@@ -167,6 +167,14 @@ class TrainConfig:
     source_ffn: int = _f(768, "quickstart source: FFN width")
     source_vocab: int = _f(2048, "quickstart source: tokenizer vocabulary size")
 
+    def __post_init__(self):
+        # argparse checks choices only for flags; a YAML recipe or a script building a TrainConfig would otherwise
+        # run quietly with another setting (dtype "bfloat16" is not "bf16": the run would train in fp32)
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise RecipeError(f"{f.name} {getattr(self, f.name)!r} is not one of {choices}; use one of them")
+
 
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
