@@ -79,9 +79,11 @@ def finished_run(cfg) -> dict | None:
     if not (out / "results.json").is_file() or not (out / "run.json").is_file():
         return None
     stored = json.loads((out / "run.json").read_text())["config"]
+    from effllm.common.errors import EffllmError
+
     try:  # settings added since that run take their defaults, which is what the run used
         stored = asdict(type(cfg)(**stored))
-    except TypeError:
+    except (TypeError, EffllmError):  # a setting since removed, or a value no longer valid: not this run
         return None
     if json.loads(json.dumps(stored, default=str)) != json.loads(json.dumps(asdict(cfg), default=str)):
         return None
