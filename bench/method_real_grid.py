@@ -93,13 +93,13 @@ class RealCell:
 
 
 def recipe_cells(preset: RealPreset) -> list[RealCell]:
-    """Every cell but the uniform ones, seed by seed (a partial study has whole seeds to compare)."""
+    """Every cell but the uniform ones, target by target with all its seeds (a partial study has verdicts
+    at the targets it finished: a verdict needs the seeds' spread), the ceilings last."""
     cells = []
-    for seed in preset.seeds:
-        for target in preset.targets:
+    for target in preset.targets:
+        for seed in preset.seeds:
             cells += [RealCell(s, target, seed, d) for s in (CONTINUOUS, ONE_SHOT) for d in (False, True)]
-        cells.append(RealCell(CEILING, 1.0, seed))
-    return cells
+    return cells + [RealCell(CEILING, 1.0, seed) for seed in preset.seeds]
 
 
 def uniform_cells(preset: RealPreset, rows: dict) -> list[RealCell]:
