@@ -249,6 +249,23 @@ class RealStudy:
         return row
 
 
+def stored_rows(results: Path, preset_name: str, preset: RealPreset, source_row: dict) -> dict:
+    """The rows of an earlier results file of the same preset settings and the same S: its cells count as
+    finished, so a study resumes on another machine (or after its runs were deleted) from the committed table."""
+    from method_real_report import results_stem
+
+    path = results / f"{results_stem(preset_name)}.json"
+    if not path.is_file():
+        return {}
+    stored = json.loads(path.read_text())
+    # S is rebuilt and judged afresh each time: the same S reads the same perplexity up to float rounding
+    same_source = all(math.isclose(stored.get("source", {}).get(kind, {}).get("ppl", math.nan), source_row[kind]["ppl"],
+                                   rel_tol=1e-4) for kind in ("domain", "general"))  # fmt: skip
+    if stored.get("settings") != json.loads(json.dumps(asdict(preset))) or not same_source:
+        return {}
+    return stored.get("rows", {})
+
+
 def run_real_study(preset_name: str, root: Path, results: Path, source, data, general) -> int:
     from method_real_report import write_real_results
 
@@ -259,13 +276,17 @@ def run_real_study(preset_name: str, root: Path, results: Path, source, data, ge
           f"{study.source_row['domain']['ppl']:.2f} in-domain, {study.source_row['general']['ppl']:.2f} general; "
           f"{preset.why}", flush=True)  # fmt: skip
     rows: dict[str, dict] = {}
+    stored = stored_rows(results, preset_name, preset, study.source_row)
+    if stored:
+        print(f"{len(stored)} cells finished earlier, taken from {results}", flush=True)
 
     def run(cells: list[RealCell], total: int) -> None:
         for cell in cells:
-            rows[cell.key] = row = study.run(cell)
+            rows[cell.key] = row = stored.get(cell.key) or study.run(cell)
             print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {len(rows):2d}/{total} {cell.key}: "
                   f"{row['params']:,} params, ppl {row['domain']['ppl']:.2f} in-domain, "
-                  f"{row['general']['ppl']:.2f} general ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
+                  f"{row['general']['ppl']:.2f} general ({row['seconds']:.0f} s)"
+                  f"{' (stored)' if cell.key in stored else ''}", flush=True)  # fmt: skip
             write_real_results(results, preset_name, preset, study.text_names, study.source_row, rows,
                                time.perf_counter() - started)  # fmt: skip
 

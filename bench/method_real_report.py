@@ -117,12 +117,16 @@ def render(preset_name: str, preset, texts: dict, source: dict, summary: list[di
     return "\n".join(lines)
 
 
+def results_stem(preset_name: str) -> str:
+    return "method_real" if preset_name == "real" else f"method_{preset_name.replace('-', '_')}"
+
+
 def write_real_results(results: Path, preset_name: str, preset, texts: dict, source: dict, rows: dict,
                        seconds: float) -> None:  # fmt: skip
     """``texts``: what the training text and the general-English text are, in words, for the report."""
     from dataclasses import asdict
 
-    stem = "method_real" if preset_name == "real" else f"method_{preset_name.replace('-', '_')}"
+    stem = results_stem(preset_name)
     summary = summarize(list(rows.values()))
     found = verdicts(summary)
     results.mkdir(parents=True, exist_ok=True)
