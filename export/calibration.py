@@ -1,8 +1,8 @@
-"""The quantizers' calibration: held-out text in, each weight's input importance out.
+"""The quantizers' calibration: held-out text in, the second moments of each weight's inputs out.
 
 Computed once per export, on first use, from held-out windows the verification does not judge
-(verify.calibration_windows): ONNX int8/int4 and 8da4w search their codes with it
-(weight_quant.py), and llama.cpp's quantizer takes it as its importance matrix (gguf_quantize.py).
+(verify.calibration_windows): ONNX int8/int4 and 8da4w fit their grids and codes with E[x x^T]
+(weight_quant.py), and llama.cpp's quantizer takes its diagonal as its importance matrix (gguf_quantize.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def load_heldout(plan: Plan) -> HeldoutTokens:
 
 
 class Calibration:
-    """The importance tables of one export's model."""
+    """The calibration tables of one export's model."""
 
     def __init__(self, model, heldout: HeldoutTokens, max_seq_len: int):
         from .verify import calibration_windows, eval_windows
@@ -34,19 +34,23 @@ class Calibration:
         self._by_linear = self._by_weight = None
 
     def by_linear(self) -> dict:
-        """{nn.Linear name: mean squared input per channel}."""
+        """{nn.Linear name: E[x x^T] of its input, [in, in]}."""
         if self._by_linear is None:
-            from .weight_quant import input_importance
+            from .weight_quant import input_gram
 
-            self._by_linear = input_importance(self.model, self.windows)
+            self._by_linear = input_gram(self.model, self.windows)
         return self._by_linear
 
-    def by_onnx_weight(self) -> dict:
-        """quantize.importance_by_weight's table, for the ONNX graph's (fused) weights."""
-        if self._by_weight is None:
-            from .quantize import importance_by_weight
+    def importance(self) -> dict:
+        """{nn.Linear name: mean squared input per channel} (E[x x^T]'s diagonal: llama.cpp's imatrix)."""
+        return {name: gram.diagonal() for name, gram in self.by_linear().items()}
 
-            self._by_weight = importance_by_weight(self.model, self.by_linear())
+    def by_onnx_weight(self) -> dict:
+        """quantize.grams_by_weight's table, for the ONNX graph's (fused) weights."""
+        if self._by_weight is None:
+            from .quantize import grams_by_weight
+
+            self._by_weight = grams_by_weight(self.model, self.by_linear())
         return self._by_weight
 
     def summary_fields(self) -> dict:

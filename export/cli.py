@@ -2,7 +2,7 @@
 
 Output layout (one self-contained directory per variant, so each can be copied on its own):
     OUT/onnx/               model.onnx, genai_config.json, tokenizer files (runs in onnxruntime-genai as is)
-    OUT/onnx-int8/          the same, int8 dynamic quantization
+    OUT/onnx-int8/          the same, 8-bit weights (MatMulNBits)
     OUT/onnx-int4/          the same, int4 weight-only (MatMulNBits)
     OUT/executorch/         model.pte (XNNPACK), tokenizer.json (runs in ExecuTorch's TextLLMRunner)
     OUT/executorch-8da4w/   the same, 8-bit dynamic activations / 4-bit weights
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["none"],
         choices=("none", "int8", "int4", "8da4w", "q8_0", "q4_0", "q4_k_m", "all"),
-        help="quantized variants to add to the fp32 export: int8 (ONNX, dynamic), int4 (ONNX, weight-only "
+        help="quantized variants to add to the fp32 export: int8 (ONNX, weight-only 8-bit MatMulNBits), int4 (ONNX, weight-only "
         "MatMulNBits), 8da4w (ExecuTorch, int8 dynamic activations + int4 weights), q8_0 / q4_0 / q4_k_m (GGUF, "
         "llama.cpp's quantizer); 'all' = every one that applies to --format (default: none, fp32 only)",
     )

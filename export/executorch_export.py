@@ -111,15 +111,15 @@ def runner_metadata(config, max_seq_len: int) -> dict:
 
 
 def quantize_8da4w_(
-    module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, importance: dict[str, torch.Tensor] | None = None
+    module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, grams: dict[str, torch.Tensor] | None = None
 ) -> dict[str, str]:
     """Quantize every nn.Linear in place (8da4w); returns {linear name: "int4 group G" or "int8 per-channel"}.
 
     Per-channel int8 where in_features % group_size != 0 (the int4 group kernels need whole groups), and
     for the output projection (lm_head): on SmolLM2-135M it alone cost +11% perplexity at 4 bits, +0.2% at
-    8. The int4 codes and scales are weight_quant.py's weighted-error search (symmetric, as XNNPACK's
-    4-bit groups have no zero point, with scales rounded to bfloat16 as XNNPACK stores them), calibrated
-    by ``importance`` ({linear name: mean squared input per channel}) where given.
+    8. The int4 scales are weight_quant.py's weighted-error search (symmetric, as XNNPACK's 4-bit groups
+    have no zero point, with scales rounded to bfloat16 as XNNPACK stores them) and the codes GPTQ on
+    them, calibrated by ``grams`` ({linear name: E[x x^T] of its input}) where given.
     """
     from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
@@ -141,7 +141,7 @@ def quantize_8da4w_(
     searched = {}
     for name in grouped:  # from the fp32 weights, before quantize_ replaces them
         weight = module.get_submodule(name).weight
-        searched[name] = quantize_blocks(weight, 4, group_size, True, (importance or {}).get(name), torch.bfloat16)
+        searched[name] = quantize_blocks(weight, 4, group_size, True, (grams or {}).get(name), torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if grouped:
@@ -198,12 +198,12 @@ def export_executorch(
     quantize: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     model_dir: str | Path | None = None,
-    importance: dict[str, torch.Tensor] | None = None,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write out_dir/model.pte (XNNPACK-lowered; 8da4w when quantize == "8da4w") and tokenizer.json.
 
     The caller's model keeps its weights (quantization works on a copy); it is left in eval mode, fp32.
-    importance: {linear name: mean squared input per channel} to calibrate 8da4w's codes (optional).
+    grams: {linear name: E[x x^T] of its input} to calibrate 8da4w's grid and codes (optional).
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
@@ -217,7 +217,7 @@ def export_executorch(
         model = copy.deepcopy(model)  # quantize_ swaps weights in place; the caller keeps its fp32 model
     model = model.float().eval().requires_grad_(False)
     if quantize == "8da4w":
-        quantize_8da4w_(model, group_size, importance)
+        quantize_8da4w_(model, group_size, grams)
         quantize_embedding_(model)
     decoder = ExecuTorchDecoder(model, max_seq_len).eval()
     # One Dim shared by tokens' length and input_pos' length: prefill any length, decode one token.

@@ -126,13 +126,11 @@ def run_export(plan: Plan) -> int:
                 elif variant.format == "gguf" and variant.quantization in ("fp32", "f16"):
                     export_gguf(model, target, plan.max_seq_len, plan.model_dir, plan.gguf_dtype)
                 elif variant.format == "gguf":
-                    quantize_gguf(staging / "gguf", target, variant.quantization, importance=calibration.by_linear())
+                    quantize_gguf(staging / "gguf", target, variant.quantization, importance=calibration.importance())
                 else:
                     quantize = None if variant.quantization == "fp32" else variant.quantization
-                    importance = calibration.by_linear() if quantize else None
-                    export_executorch(
-                        model, target, plan.max_seq_len, quantize, plan.group_size, plan.model_dir, importance
-                    )
+                    grams = calibration.by_linear() if quantize else None
+                    export_executorch(model, target, plan.max_seq_len, quantize, plan.group_size, plan.model_dir, grams)
             seconds = time.perf_counter() - start
             size = model_bytes(target)
             say(f"      done in {seconds:.1f} s, {size / 2**20:.2f} MiB")

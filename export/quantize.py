@@ -4,9 +4,11 @@
           channels (a scale and a zero point per block);
     int4: the same with 4-bit weights, except the output projection (the tied embedding / lm_head),
           which stays at 8 bits: on SmolLM2-135M it alone moved perplexity by +11% at 4 bits and +0.2% at 8.
-The codes come from weight_quant.py's weighted-error search (calibrated on held-out text when the
-exporter passes an importance table, else every input channel counts alike), not from onnxruntime's
-round-to-nearest quantizer: on SmolLM2-135M int4's perplexity increase went from +27% to +10.8%.
+The grid comes from weight_quant.py's weighted-error search and int4's codes from GPTQ on that grid
+(calibrated on held-out text when the exporter passes the inputs' second moments, else every input
+channel counts alike and the codes round to nearest), not from onnxruntime's round-to-nearest
+quantizer: on SmolLM2-135M (dithered) int4's perplexity increase went from +27% to +11.5% (search) and
++1.7% (search and GPTQ).
 MatMulNBits runs with accuracy_level 4 (the activations enter as int8 per block inside the kernel: onnxruntime's recommended
 CPU setting for quantized LLMs, 1.3-1.6x faster decode than fp32 compute). The former int8 variant,
 MatMulInteger with one dynamic scale for a whole activation tensor, cost +83% perplexity on SmolLM2-135M:
@@ -41,11 +43,11 @@ def weight_key(weight_t: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(weight_t, dtype=np.float32).tobytes()).hexdigest()
 
 
-def importance_by_weight(model, importance: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{weight_key of every matrix the ONNX graph may hold: its input channels' importance}.
+def grams_by_weight(model, grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{weight_key of every matrix the ONNX graph may hold: E[x x^T] of its input}.
 
     The exporter fuses q/k/v and gate/up (fused_linears.py); fused weights share their input, so the
-    first projection's importance serves them all. Keys cover the separate projections too.
+    first projection's matrix serves them all. Keys cover the separate projections too.
     """
     table = {}
     names = {id(mod): name for name, mod in model.named_modules()}
@@ -59,11 +61,11 @@ def importance_by_weight(model, importance: dict[str, torch.Tensor]) -> dict[str
             groups += [[m.gate_proj, m.up_proj], [m.gate_proj], [m.up_proj], [m.down_proj]]
         for linears in groups:
             name = names[id(linears[0])]
-            if name in importance:
+            if name in grams:
                 weight = torch.cat([lin.weight.detach() for lin in linears]).float()
-                table[weight_key(weight.T.numpy())] = importance[name]
-    if "lm_head" in importance:
-        table[weight_key(model.lm_head.weight.detach().float().T.numpy())] = importance["lm_head"]
+                table[weight_key(weight.T.numpy())] = grams[name]
+    if "lm_head" in grams:
+        table[weight_key(model.lm_head.weight.detach().float().T.numpy())] = grams["lm_head"]
     return table
 
 
@@ -72,12 +74,12 @@ def quantize_onnx_dir(
     dst_dir: str | Path,
     method: str,
     block_size: int = DEFAULT_BLOCK_SIZE,
-    importance: dict[str, torch.Tensor] | None = None,
+    grams: dict[str, torch.Tensor] | None = None,
     accuracy_level: int = ACCURACY_LEVEL,
 ) -> Path:
     """Write dst_dir: the fp32 directory src_dir with its model.onnx quantized by ``method``.
 
-    importance: importance_by_weight's table (None: every input channel counts alike); accuracy_level:
+    grams: grams_by_weight's table (None: every input channel counts alike); accuracy_level:
     MatMulNBits' (1: fp32 compute on the dequantized weights, which the tests compare exactly).
     """
     import onnx
@@ -92,7 +94,7 @@ def quantize_onnx_dir(
     model = onnx.load(str(src_dir / ONNX_MODEL_FILE))
     folded = fold_transposed_weights(model)
     bits = 8 if method == "int8" else 4
-    output_projection = quantize_matmuls(model, bits, block_size, importance or {}, folded, accuracy_level)
+    output_projection = quantize_matmuls(model, bits, block_size, grams or {}, folded, accuracy_level)
     if output_projection is not None:
         share_tied_embedding(model, *output_projection, block_size)
     external = (src_dir / (ONNX_MODEL_FILE + ".data")).exists()
@@ -137,7 +139,7 @@ def fold_transposed_weights(model) -> dict[str, str]:
     return folded
 
 
-def quantize_matmuls(model, bits: int, block_size: int, importance: dict, folded: dict[str, str], accuracy_level: int):
+def quantize_matmuls(model, bits: int, block_size: int, grams: dict, folded: dict[str, str], accuracy_level: int):
     """Every MatMul on a 2-D initializer becomes MatMulNBits (``bits``; the output projection 8).
 
     Returns (MatMulNBits node, embedding table name) of a tied output projection, else None.
@@ -162,7 +164,7 @@ def quantize_matmuls(model, bits: int, block_size: int, importance: dict, folded
         node_bits = 8 if is_output else bits
         quant = quantize_blocks(
             torch.from_numpy(weight_t.T.astype(np.float32)), node_bits, block_size, symmetric=False,
-            importance=importance.get(weight_key(weight_t)),
+            gram=grams.get(weight_key(weight_t)),
         )  # fmt: skip
         name = node.input[1]
         packed, scales, zeros = matmulnbits_arrays(quant)

@@ -83,7 +83,7 @@ QUANTIZED_THRESHOLDS.update(
 )
 EVAL_WINDOW = 128  # tokens per held-out window (capped at max_seq_len - 1)
 EVAL_WINDOWS = 8
-CALIBRATION_WINDOWS = 8  # the quantizers' importance (weight_quant.input_importance): 1,024 tokens
+CALIBRATION_WINDOWS = 8  # the quantizers' E[x x^T] (weight_quant.input_gram): 1,024 tokens
 PROMPTS = (
     "The return statement",
     "A list comprehension consists of",
