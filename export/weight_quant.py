@@ -168,27 +168,27 @@ def gptq_codes(weight: torch.Tensor, gram: torch.Tensor, grid: BlockQuant) -> to
     hessian.diagonal().add_(GPTQ_DAMP * hessian.diagonal().mean())
     # the upper Cholesky factor of H^-1: row i holds how column i's error spreads onto the later columns
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
-    w = w[:, order]
+    # rows of the transposed weight are the columns GPTQ walks: contiguous, updated in place
+    w = w[:, order].T.contiguous()  # [in, out] in processing order
     column_block = order // block
-    scales = grid.scales[:, column_block]  # [out, in] in processing order
-    zeros = grid.zero_points[:, column_block].float() if grid.zero_points is not None else torch.zeros_like(scales)
+    scales = grid.scales.T[column_block].contiguous()  # [in, out]
+    zeros = grid.zero_points.T[column_block].float() if grid.zero_points is not None else torch.zeros_like(scales)
     codes = torch.empty_like(w)
     for start in range(0, in_features, GPTQ_BATCH):
         end = min(start + GPTQ_BATCH, in_features)
-        part, inv = w[:, start:end].clone(), inverse[start:end, start:end]
+        part, inv = w[start:end], inverse[start:end, start:end]
         errors = torch.empty_like(part)
         for i in range(end - start):
-            column = part[:, i]
-            s, z = scales[:, start + i], zeros[:, start + i]
-            q = torch.round(column / s + z).clamp_(qmin, qmax)
-            codes[:, start + i] = q
-            error = (column - (q - z) * s) / inv[i, i]
-            part[:, i:] -= error.unsqueeze(1) * inv[i, i:].unsqueeze(0)
-            errors[:, i] = error
-        w[:, end:] -= errors @ inverse[start:end, end:]
+            s, z = scales[start + i], zeros[start + i]
+            q = codes[start + i]
+            torch.round(part[i] / s + z, out=q).clamp_(qmin, qmax)
+            error = errors[i]
+            torch.sub(part[i], (q - z).mul_(s), out=error).div_(inv[i, i])
+            part[i + 1 :].addr_(inv[i, i + 1 :], error, alpha=-1)
+        w[end:].addmm_(inverse[start:end, end:].T, errors, alpha=-1)
     result = grid.codes.clone()
     flat = result.reshape(out_features, -1)
-    flat[:, order] = codes.long()
+    flat[:, order] = codes.T.long()
     return result
 
 

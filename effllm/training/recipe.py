@@ -78,10 +78,11 @@ class TrainConfig:
         "when groups are removed: continuous (the paper: a little after every --prune-every steps, saliency "
         "from the training gradients), one-shot (a calibration pass of --calibration-batches at --prune-start, "
         "one removal to the target, then every remaining token trains the final architecture) or staged "
-        "(--stages one-shot removals spread over the pruning phase, recovery training after each). In our CPU "
-        "study (bench/results/method.md, 3 seeds) pruning once then training beat pruning during training by "
-        "8.5-9.4% held-out perplexity at 0.12 of the source and 3.3-3.8% at 0.28, and tied at 0.5: prefer "
-        "one-shot for small targets. The default stays continuous until a study at a real source's scale decides",
+        "(--stages one-shot removals spread over the pruning phase, recovery training after each). On a real "
+        "source (SmolLM2-135M, bench/results/method_real.md, 2 seeds) continuous beat one-shot by 17% held-out "
+        "perplexity at 0.5 of the source and tied at 0.7, hence the default; on a small undertrained source "
+        "(bench/results/method.md) one-shot won by 8.5-9.4% at 0.12 and 3.3-3.8% at 0.28: try one-shot below "
+        "~0.3. README.md's recommendation table has both",
         choices=["continuous", "one-shot", "staged"],
     )
     calibration_batches: int = _f(
@@ -93,7 +94,9 @@ class TrainConfig:
         False,
         "train on forward KL(teacher || student) of the logits (mixed with the LM loss by --distill-weight); the "
         "teacher is the frozen source, or --teacher. Costs one teacher forward per micro-batch "
-        "(bench/results/distill_overhead.json)",
+        "(bench/results/distill_overhead.json). On SmolLM2-135M pruned to 0.5 and 0.7 with 49K tokens it cost 9-23% "
+        "in-domain perplexity (past 2 SE in 3 of 4 pairs) and tied on general English (bench/results/method_real.md): "
+        "off by default",
     )
     teacher: str | None = _f(
         None, "with --distill: the teacher (model directory, GGUF file or hub id) instead of the source; same tokenizer"
