@@ -2,7 +2,8 @@
 source the test builds: every cell runs through effllm-train (continuous and one-shot, with and without
 --distill, the uniform shape of the best recipe, the unpruned ceiling), compared cells have equal sizes, the
 judgement (two held-out kinds, top-1 against S, samples with a repetition measure) lands in
-method_real_smoke.{json,md}, and a rerun reuses every finished cell."""
+method_real_smoke.{json,md}, and a rerun reuses every finished cell, from the run directories or from the
+results file alone."""
 
 from __future__ import annotations
 
@@ -101,3 +102,24 @@ def test_real_smoke_study_rerun_reuses_every_cell(smoke_study):
     before = {p: p.stat().st_mtime_ns for p in judged}
     assert len(judged) == 12 and method.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in judged} == before
+
+
+def test_real_smoke_study_resumes_from_the_results_file_alone(smoke_study):
+    """A fresh machine has the committed results file but no run directories: the rerun trains nothing."""
+    import shutil
+    from dataclasses import replace
+
+    tmp, argv = smoke_study
+    results = tmp / "results" / "method_real_smoke.json"
+    before = json.loads(results.read_text())["rows"]
+    shutil.rmtree(tmp / "root" / "runs")
+    assert method.main(argv) == 0
+    assert not (tmp / "root" / "runs").exists()
+    assert json.loads(results.read_text())["rows"] == before
+    # rows of other settings, or of another S, are not this study's
+    preset = grid.REAL_PRESETS["real-smoke"]
+    source = json.loads(results.read_text())["source"]
+    assert method_real.stored_rows(tmp / "results", "real-smoke", preset, source) == before
+    assert method_real.stored_rows(tmp / "results", "real-smoke", replace(preset, tokens=2048), source) == {}
+    other_source = {**source, "domain": {**source["domain"], "ppl": source["domain"]["ppl"] * 1.01}}
+    assert method_real.stored_rows(tmp / "results", "real-smoke", preset, other_source) == {}
