@@ -157,7 +157,7 @@ def gptq_codes(weight: torch.Tensor, gram: torch.Tensor, grid: BlockQuant) -> to
     """
     out_features, in_features = weight.shape
     block = grid.codes.shape[-1]
-    qmin, qmax = (0, 2**grid.bits - 1) if grid.zero_points is not None else (-(2 ** (grid.bits - 1)), 2 ** (grid.bits - 1) - 1)
+    qmin, qmax = code_range(grid.bits, symmetric=grid.zero_points is None)
     hessian = gram.detach().double().clone()
     w = weight.detach().float().clone()
     dead = hessian.diagonal() <= 0  # channels calibration never excited: their weights cost nothing
@@ -192,6 +192,11 @@ def gptq_codes(weight: torch.Tensor, gram: torch.Tensor, grid: BlockQuant) -> to
     return result
 
 
+def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer codes' (min, max): signed for symmetric blocks, unsigned with a zero point otherwise."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+
+
 def _safe(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d.abs() > 1e-30, d, torch.ones_like(d))
 
@@ -199,11 +204,10 @@ def _safe(d: torch.Tensor) -> torch.Tensor:
 def _search(x, w, bits, symmetric, scale_dtype):
     """One pass over the weights per candidate: its codes and three weighted sums; the rest (the refit
     and the candidate's error, expanded as sum w x^2 - 2 s sum w q x + s^2 sum w q^2) is per block."""
+    qmin, qmax = code_range(bits, symmetric)
     if symmetric:
-        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         span, base, levels = x.abs().amax(-1), None, qmax + 0.5
     else:
-        qmin, qmax = 0, 2**bits - 1
         lo = x.amin(-1)
         span, base, levels = x.amax(-1) - lo, lo, qmax
     sw, swx, swxx = w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1)
