@@ -4,8 +4,8 @@ built-in Python standard-library docstrings (fine for comparing quantized with f
 training).
 
 The first windows judge the variants (verification); the windows after them calibrate the quantizers
-(weight_quant.input_gram), so no variant is judged on the text it was calibrated on, unless the
-text is too short for both (then calibration reuses the judged windows, and verify.json says so).
+(weight_quant.input_gram), so no variant is judged on the text it was calibrated on; a short text is
+split between the two (verify.py), and only a single window serves both (verify.json then says so).
 """
 
 from __future__ import annotations

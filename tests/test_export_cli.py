@@ -260,6 +260,25 @@ def test_held_out_text_is_the_training_split_when_present(small_model_dir, tmp_p
     assert plan().heldout_bin is None
 
 
+def test_judged_and_calibration_windows_never_share_text_when_there_are_two():
+    """Long text: EVAL_WINDOWS judged, then CALIBRATION_WINDOWS calibrate; short text is split between the
+    two (calibration the last third); only a single window serves both."""
+    from effllm.export.verify import CALIBRATION_WINDOWS, EVAL_WINDOW, EVAL_WINDOWS, calibration_windows, eval_windows
+
+    def split(windows):
+        ids = list(range(windows * EVAL_WINDOW))
+        return eval_windows(ids, 2048), calibration_windows(ids, 2048)
+
+    judged, calibration = split(EVAL_WINDOWS + CALIBRATION_WINDOWS + 5)
+    assert (len(judged), len(calibration)) == (EVAL_WINDOWS, CALIBRATION_WINDOWS)
+    assert calibration[0][0] == EVAL_WINDOWS * EVAL_WINDOW  # right after the judged ones
+    for total in (2, 9, EVAL_WINDOWS + 1):
+        judged, calibration = split(total)
+        assert len(judged) + len(calibration) == total and judged and calibration
+        assert not {w[0] for w in judged} & {w[0] for w in calibration}
+    assert split(1)[0] == split(1)[1] and len(split(1)[0]) == 1
+
+
 def test_a_missed_threshold_fails_the_command(small_model_dir, tmp_path, monkeypatch, capsys):
     """Exit code 1 and verify.json says which check failed; the files are published for inspection."""
     import effllm.export.verify as verify
