@@ -126,7 +126,10 @@ def run_export(plan: Plan) -> int:
                 elif variant.format == "gguf" and variant.quantization in ("fp32", "f16"):
                     export_gguf(model, target, plan.max_seq_len, plan.model_dir, plan.gguf_dtype)
                 elif variant.format == "gguf":
-                    quantize_gguf(staging / "gguf", target, variant.quantization, importance=calibration.importance())
+                    quantize_gguf(
+                        staging / "gguf", target, variant.quantization, importance=calibration.importance(),
+                        model=model, grams=calibration.by_linear(),
+                    )  # fmt: skip
                 else:
                     quantize = None if variant.quantization == "fp32" else variant.quantization
                     grams = calibration.by_linear() if quantize else None
