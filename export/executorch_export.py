@@ -24,9 +24,9 @@ ExecuTorch backends call it).
 
 8da4w: int8 dynamic activations (per token), int4 weights in groups of ``group_size`` input channels,
 with codes from weight_quant.py's calibrated search. A linear whose input width is not a multiple of
-the group size (pruning leaves widths like 17) falls back to per-channel weights, and so does the output
-projection (lm_head) on purpose. Those are int8, not int4: XNNPACK in executorch 1.5.1 delegates int4
-only as groups whose size is a multiple of 32 (a per-channel int4 weight reaches it as one group of
+the group size (pruning leaves widths like 17) falls back to per-channel weights, and so do the output
+projection (lm_head) and the projections of INT8_PROJECTIONS (v_proj, up_proj, down_proj) on purpose.
+Those are int8, not int4: XNNPACK in executorch 1.5.1 delegates int4 only as groups whose size is a multiple of 32 (a per-channel int4 weight reaches it as one group of
 in_features and is refused), while int8 per-channel weights (qc8w) run there on every width.
 The token embedding is int8 per row (ExecuTorch's quantized_decomposed::embedding_byte, which the
 Android AAR and the Python runtime ship): without it the fp32 table was most of the file.
@@ -46,6 +46,11 @@ from .onnx_export import eos_ids
 
 PTE_FILE = "model.pte"
 DEFAULT_GROUP_SIZE = 32
+# Projections 8da4w keeps at int8 per-channel, as llama.cpp's q4_k_m keeps attn_v and ffn_down above 4 bits. On
+# the 0.7-pruned SmolLM2-135M (dithered; 8,192 held-out tokens, GPTQ on 8,192 others) all-int4 cost +6.4% ppl
+# (top-1 0.841), with v_proj at int8 +5.6% (0.849), v_proj and up_proj +3.8% (0.864); down_proj was the worst
+# single type at int4 (+6.9% alone) and its pruned widths are rarely whole groups anyway.
+INT8_PROJECTIONS = ("self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 class ExecuTorchDecoder(nn.Module):
@@ -111,13 +116,16 @@ def runner_metadata(config, max_seq_len: int) -> dict:
 
 
 def quantize_8da4w_(
-    module: nn.Module, group_size: int = DEFAULT_GROUP_SIZE, grams: dict[str, torch.Tensor] | None = None
+    module: nn.Module,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    grams: dict[str, torch.Tensor] | None = None,
+    int8_projections: tuple[str, ...] = INT8_PROJECTIONS,
 ) -> dict[str, str]:
     """Quantize every nn.Linear in place (8da4w); returns {linear name: "int4 group G" or "int8 per-channel"}.
 
-    Per-channel int8 where in_features % group_size != 0 (the int4 group kernels need whole groups), and
-    for the output projection (lm_head): on SmolLM2-135M it alone cost +11% perplexity at 4 bits, +0.2% at
-    8. The int4 scales are weight_quant.py's weighted-error search (symmetric, as XNNPACK's 4-bit groups
+    Per-channel int8 where in_features % group_size != 0 (the int4 group kernels need whole groups), for
+    the output projection (lm_head: on SmolLM2-135M it alone cost +11% perplexity at 4 bits, +0.2% at 8),
+    and for the projections named in ``int8_projections`` (names ending so; see INT8_PROJECTIONS). The int4 scales are weight_quant.py's weighted-error search (symmetric, as XNNPACK's 4-bit groups
     have no zero point, with scales rounded to bfloat16 as XNNPACK stores them) and the codes GPTQ on
     them, calibrated by ``grams`` ({linear name: E[x x^T] of its input}) where given.
     """
@@ -132,7 +140,11 @@ def quantize_8da4w_(
 
     output = module.get_output_embeddings()
     plan = {
-        name: ("grouped" if m.in_features % group_size == 0 and m is not output else "per-channel")
+        name: (
+            "grouped"
+            if m.in_features % group_size == 0 and m is not output and not name.endswith(int8_projections)
+            else "per-channel"
+        )
         for name, m in module.named_modules()
         if isinstance(m, nn.Linear)
     }

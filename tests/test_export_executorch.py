@@ -116,8 +116,12 @@ def test_8da4w_falls_back_to_per_channel_for_odd_input_widths(tokenizer, corpus)
     plan = quantize_8da4w_(copy.deepcopy(model), group_size=32)
     for name, kind in plan.items():
         in_features = model.get_submodule(name).in_features
-        whole_groups = in_features % 32 == 0 and name != "lm_head"  # the output projection stays at 8 bits
+        # the output projection, v_proj, up_proj and down_proj stay at 8 bits on purpose (INT8_PROJECTIONS)
+        whole_groups = in_features % 32 == 0 and name != "lm_head" and not name.endswith(("v_proj", "up_proj", "down_proj"))
         assert kind == ("int4 group 32" if whole_groups else "int8 per-channel"), (name, in_features)
+    assert plan["model.layers.0.self_attn.v_proj"] == plan["model.layers.0.mlp.up_proj"] == "int8 per-channel"
+    every_int4 = quantize_8da4w_(copy.deepcopy(model), group_size=32, int8_projections=())
+    assert every_int4["model.layers.0.self_attn.v_proj"] == every_int4["model.layers.0.mlp.up_proj"] == "int4 group 32"
     assert plan["model.layers.0.mlp.down_proj"] == "int8 per-channel"  # FFN width 40
     assert plan["model.layers.1.mlp.down_proj"] == "int8 per-channel"  # FFN width 80
     assert plan["model.layers.0.self_attn.q_proj"] == "int4 group 32"
