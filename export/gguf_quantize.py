@@ -10,8 +10,8 @@ every type keeps the output projection (token_embd when embeddings are tied) at 
 :func:`quantization_fallbacks` reads the written file back with gguf.GGUFReader and lists every weight that is
 not in the variant's own type, with the reason; verify.md shows the list.
 
-Given calibration (the exporter's E[x x^T] per Linear), q4_0's codes are then rewritten in place by GPTQ
-(:func:`rewrite_q4_0_codes`): same file, same types, same llama.cpp kernels, less error.
+Given calibration (the exporter's E[x x^T] per Linear), the Q4_0 and Q5_0 tensors' codes are then rewritten in
+place by GPTQ (:func:`rewrite_block_codes`): same file, same types, same llama.cpp kernels, less error.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def quantize_gguf(
 
     importance: {Linear name: mean squared input per channel} handed to llama.cpp's quantizer as its
     importance matrix (its k-quants and q4_0 then weigh each weight's error by its input's energy).
-    model and grams ({Linear name: E[x x^T]}): q4_0's codes then come from GPTQ (rewrite_q4_0_codes).
+    model and grams ({Linear name: E[x x^T]}): Q4_0 and Q5_0 codes then come from GPTQ (rewrite_block_codes).
     """
     from effllm.runtime.llamacpp_backend import clear_errors, first_error, llama_api
 
@@ -98,8 +98,8 @@ def quantize_gguf(
     code = api.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if code != 0:
         raise RuntimeError(f"llama.cpp could not quantize {src} to {method} (code {code}): {first_error()}")
-    if method == "q4_0" and model is not None and grams:
-        rewrite_q4_0_codes(dst, model, grams)
+    if model is not None and grams:
+        rewrite_block_codes(dst, model, grams)
     copy_tokenizer_files(src_dir, out_dir)
     return dst
 
@@ -119,16 +119,21 @@ def gguf_linears(model) -> dict[str, tuple[str, int | None]]:
     return out
 
 
-def rewrite_q4_0_codes(path: Path, model, grams: dict) -> int:
-    """Replace the codes and scales of every Q4_0 tensor in ``path`` (in place, same type and size) by
+# llama.cpp's block types whose values are d * (q - 2^(bits-1)): one f16 scale per 32 values, no minimum;
+# weight_quant's symmetric codes, shifted. q4_0 is all Q4_0; q4_k_m falls back to Q5_0 for rows that are not
+# whole 256-value K-quant blocks (every row of a 576-wide model).
+SYMMETRIC_BLOCK_BITS = {"Q4_0": 4, "Q5_0": 5}
+
+
+def rewrite_block_codes(path: Path, model, grams: dict) -> int:
+    """Replace the codes and scales of every Q4_0 and Q5_0 tensor in ``path`` (in place, same type and size) by
     weight_quant's: the scale search and GPTQ on E[x x^T] of each Linear's input (``grams``).
 
-    llama.cpp's Q4_0 quantizer takes an importance matrix but rounds every weight on its own; GPTQ pushes each
+    llama.cpp's quantizer takes an importance matrix but rounds every weight on its own; GPTQ pushes each
     rounding error onto the weights not yet rounded, so the layer's output error is what shrinks: on the
     0.7-pruned SmolLM2-135M (dithered; 8,192 held-out tokens) q4_0 cost +9.5% perplexity (top-1 0.781) with
-    llama.cpp's codes and its importance matrix, +4.1% (top-1 0.869) with these. A Q4_0 block is an f16 scale d and 32 4-bit
-    codes q with x = d (q - 8), the first 16 values in the low nibbles: weight_quant's symmetric 4-bit codes
-    -8..7 on f16 scales, shifted by 8. Returns the number of tensors rewritten.
+    llama.cpp's codes and its importance matrix, +4.1% (top-1 0.869) with these. Returns the number of tensors
+    rewritten; other types (Q8_0, the K-quants, F16) stay as llama.cpp wrote them.
     """
     import gguf
     import torch
@@ -136,32 +141,36 @@ def rewrite_q4_0_codes(path: Path, model, grams: dict) -> int:
     from .gguf_export import rope_rows_to_interleaved
     from .weight_quant import quantize_blocks
 
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_0][0]
     linears = gguf_linears(model)
     reader = gguf.GGUFReader(str(path), "r+")
     rewritten = 0
     for tensor in reader.tensors:
-        if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_0 or tensor.name not in linears:
+        bits = SYMMETRIC_BLOCK_BITS.get(tensor.tensor_type.name)
+        if bits is None or tensor.name not in linears or linears[tensor.name][0] not in grams:
             continue
         name, heads = linears[tensor.name]
-        if name not in grams:
-            continue
         weight = model.get_submodule(name).weight.detach().float()
         if heads:
             weight = torch.from_numpy(rope_rows_to_interleaved(weight.numpy(), heads))  # as the file's rows
-        quant = quantize_blocks(weight, 4, block, True, grams[name], torch.float16)
-        tensor.data.reshape(-1)[:] = q4_0_bytes(quant).reshape(-1)
+        block = gguf.GGML_QUANT_SIZES[tensor.tensor_type][0]
+        quant = quantize_blocks(weight, bits, block, True, grams[name], torch.float16)
+        tensor.data.reshape(-1)[:] = symmetric_blocks(quant).reshape(-1)
         rewritten += 1
     reader.data.flush()
     return rewritten
 
 
-def q4_0_bytes(quant) -> np.ndarray:
-    """weight_quant's symmetric 4-bit blocks of 32 as llama.cpp's block_q4_0 array [rows, blocks, 18]."""
-    codes = (quant.codes + 8).numpy().astype(np.uint8)  # [rows, blocks, 32], 0..15
-    nibbles = codes[..., :16] | (codes[..., 16:] << 4)
-    scales = quant.scales.numpy().astype(np.float16)[..., None].view(np.uint8)  # [rows, blocks, 2]
-    return np.concatenate([scales, nibbles], axis=-1)
+def symmetric_blocks(quant) -> np.ndarray:
+    """weight_quant's symmetric blocks of 32 as llama.cpp's block_q4_0 / block_q5_0 array [rows, blocks, bytes]:
+    the f16 scale, (Q5_0) the 32 fifth bits as a little-endian uint32, then 16 bytes of low nibbles (values
+    0-15 in the low halves, 16-31 in the high halves)."""
+    unsigned = (quant.codes + 2 ** (quant.bits - 1)).numpy().astype(np.uint8)  # [rows, blocks, 32]
+    low = unsigned & 0x0F
+    parts = [quant.scales.numpy().astype(np.float16)[..., None].view(np.uint8)]
+    if quant.bits == 5:
+        parts.append(np.packbits(unsigned >> 4, axis=-1, bitorder="little"))
+    parts.append(low[..., :16] | (low[..., 16:] << 4))
+    return np.concatenate(parts, axis=-1)
 
 
 def tensor_types(path: Path) -> dict[str, tuple[str, list[int]]]:

@@ -41,10 +41,10 @@ SEARCH_STEPS = 10
 SEARCH_STEP = 0.1
 CHUNK_ELEMENTS = 1 << 22
 IMPORTANCE_BATCH = 8
-# GPTQ: codes at this many bits or fewer (8-bit rounding error is already small); the damping added to
-# E[x x^T]'s diagonal, as a fraction of its mean, keeps the inverse stable for channels calibration
-# barely excited (GPTQ's default); columns per lazy batch of the error update (GPTQ's default).
-GPTQ_MAX_BITS = 4
+# GPTQ: codes at this many bits or fewer (4-bit, and GGUF's 5-bit Q5_0; 8-bit rounding error is already
+# small); the damping added to E[x x^T]'s diagonal, as a fraction of its mean, keeps the inverse stable for
+# channels calibration barely excited (GPTQ's default); columns per lazy batch of the error update (GPTQ's default).
+GPTQ_MAX_BITS = 5
 GPTQ_DAMP = 0.01
 GPTQ_BATCH = 128
 

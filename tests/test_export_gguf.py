@@ -215,11 +215,13 @@ def test_widths_in_whole_blocks_quantize_without_fallbacks(tokenizer):
     assert "Q4_K" in {kind for kind, _ in tensor_types(out).values()}
 
 
-def test_q4_0_holds_gptq_codes_that_llamacpp_runs(tokenizer):
-    """With the inputs' E[x x^T], every Q4_0 tensor llama.cpp wrote is replaced by weight_quant's codes (q/k
-    rows in the file's interleaved order): the file dequantizes to exactly those weights, they differ from
-    llama.cpp's own rounding, and llama.cpp runs the file with logits near torch's on the same weights."""
-    from effllm.export.gguf_quantize import gguf_linears
+@pytest.mark.parametrize("method, block_type", [("q4_0", "Q4_0"), ("q4_k_m", "Q5_0")])
+def test_gguf_4_bit_variants_hold_gptq_codes_that_llamacpp_runs(method, block_type, tokenizer):
+    """With the inputs' E[x x^T], every Q4_0 / Q5_0 tensor llama.cpp wrote (q4_k_m's fallback for rows shorter
+    than 256) is replaced by weight_quant's codes (q/k rows in the file's interleaved order): the file
+    dequantizes to exactly those weights, they differ from llama.cpp's own rounding, and llama.cpp runs the
+    file with logits near torch's on the same weights."""
+    from effllm.export.gguf_quantize import SYMMETRIC_BLOCK_BITS, gguf_linears
     from effllm.export.weight_quant import input_gram, quantize_blocks
 
     model, src = exported(
@@ -229,23 +231,24 @@ def test_q4_0_holds_gptq_codes_that_llamacpp_runs(tokenizer):
     generator = torch.Generator().manual_seed(0)
     windows = torch.randint(0, model.config.vocab_size, (8, 32), generator=generator).tolist()
     grams = input_gram(model, windows)
-    plain = quantize_gguf(src.parent, src.parent / "q4_0-plain", "q4_0")
-    out = quantize_gguf(src.parent, src.parent / "q4_0-gptq", "q4_0", model=model, grams=grams)
+    plain = quantize_gguf(src.parent, src.parent / f"{method}-plain", method)
+    out = quantize_gguf(src.parent, src.parent / f"{method}-gptq", method, model=model, grams=grams)
     linears = gguf_linears(model)
     before = {t.name: t for t in gguf.GGUFReader(str(plain)).tensors}
     checked = 0
     for tensor in gguf.GGUFReader(str(out)).tensors:
-        if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_0:
+        if tensor.tensor_type.name != block_type:
             continue
         name, heads = linears[tensor.name]
         weight = model.get_submodule(name).weight.detach().float()
         if heads:
             weight = torch.from_numpy(rope_rows_to_interleaved(weight.numpy(), heads))
-        expected = quantize_blocks(weight, 4, 32, True, grams[name], torch.float16).dequantize().numpy()
+        bits = SYMMETRIC_BLOCK_BITS[block_type]
+        expected = quantize_blocks(weight, bits, 32, True, grams[name], torch.float16).dequantize().numpy()
         np.testing.assert_array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type), expected)
         assert not np.array_equal(tensor.data, before[tensor.name].data)
         checked += 1
-    assert checked == 14  # 7 projections in each of the 2 layers
+    assert checked >= 10  # (q4_0: all 7 projections of both layers; q4_k_m keeps some at Q8_0)
 
     quantized = tiny_model(
         num_attention_heads=[4, 2], num_key_value_heads=[2, 2], intermediate_size=[96, 32], num_hidden_layers=2
@@ -253,7 +256,7 @@ def test_q4_0_holds_gptq_codes_that_llamacpp_runs(tokenizer):
     quantized.load_state_dict(model.state_dict())
     with torch.no_grad():
         for tensor in gguf.GGUFReader(str(out)).tensors:
-            if tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0:
+            if tensor.tensor_type.name in SYMMETRIC_BLOCK_BITS and tensor.name in linears:
                 name, heads = linears[tensor.name]
                 rows = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
                 if heads:  # back to rotate_half order (the inverse of rope_rows_to_interleaved)
