@@ -90,7 +90,7 @@ def run_export(plan: Plan) -> int:
     from .gguf_export import export_gguf
     from .gguf_quantize import quantize_gguf
     from .onnx_export import export_onnx
-    from .quantize import quantize_onnx_dir
+    from .quantize import eight_bit_weights, quantize_onnx_dir
 
     say(f"effllm-export: {plan.model_dir} -> {plan.out} ({', '.join(v.name for v in plan.variants)})")
     with quiet_progress_bars():
@@ -121,8 +121,9 @@ def run_export(plan: Plan) -> int:
                     export_onnx(model, target, plan.max_seq_len, model_dir=plan.model_dir)
                 elif variant.format == "onnx":
                     quantize_onnx_dir(
-                        staging / "onnx", target, variant.quantization, plan.group_size, calibration.by_onnx_weight()
-                    )
+                        staging / "onnx", target, variant.quantization, plan.group_size, calibration.by_onnx_weight(),
+                        eight_bit=eight_bit_weights(model),
+                    )  # fmt: skip
                 elif variant.format == "gguf" and variant.quantization in ("fp32", "f16"):
                     export_gguf(model, target, plan.max_seq_len, plan.model_dir, plan.gguf_dtype)
                 elif variant.format == "gguf":

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 from effllm.export.executorch_export import quantize_8da4w_
 from effllm.export.onnx_export import export_onnx
-from effllm.export.quantize import grams_by_weight, quantize_onnx_dir
+from effllm.export.quantize import EIGHT_BIT_PROJECTIONS, eight_bit_weights, grams_by_weight, quantize_onnx_dir
 from effllm.export.weight_quant import input_gram, quantize_blocks
 from effllm.runtime.onnx_backend import OnnxRuntimeBackend
 
@@ -114,11 +114,13 @@ def test_onnx_variant_computes_the_quantized_weights(method, tmp_path):
     export_onnx(model, tmp_path / "onnx", 64)
     windows = [list(range(3, 40)), list(range(50, 90))]
     grams = input_gram(model, windows)
-    quantize_onnx_dir(tmp_path / "onnx", tmp_path / method, method, 32, grams_by_weight(model, grams), 1)
+    eight_bit = eight_bit_weights(model)
+    assert len(eight_bit) == 3  # one down_proj per layer
+    quantize_onnx_dir(tmp_path / "onnx", tmp_path / method, method, 32, grams_by_weight(model, grams), 1, eight_bit)
     reference = copy.deepcopy(model)
     for name, linear in reference.named_modules():
         if isinstance(linear, torch.nn.Linear):
-            bits = 8 if method == "int8" or name == "lm_head" else 4
+            bits = 8 if method == "int8" or name == "lm_head" or name.endswith(EIGHT_BIT_PROJECTIONS) else 4
             quant = quantize_blocks(linear.weight, bits, 32, False, grams[name])
             linear.weight = torch.nn.Parameter(quant.dequantize())
     reference.model.embed_tokens.weight = reference.lm_head.weight  # the lookup reads the 8-bit table
