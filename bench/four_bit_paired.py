@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from runtime_paired import paired_worker
+from runtime_paired import add_decode_arguments, decode_spec, paired_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (backend, variant directory, file inside it or "")
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="runs/bench-runtime", help="bench/runtime_speed.py's --work")
     parser.add_argument("--models", nargs="+", default=["irregular", "irregular-g32", "uniform"])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS / "four_bit_paired"), help="output path without extension")
+    add_decode_arguments(parser, RESULTS / "four_bit_paired")
     args = parser.parse_args(argv)
     from effllm.runtime.machine import load_average, machine_info
 
@@ -53,17 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"{model}: missing {missing}; run bench/runtime_speed.py --build-only first", file=sys.stderr)
             return 2
-        spec = dict(
-            paths=paths,
-            backend="onnxruntime",
-            backends={name: backend for name, (backend, _, _) in TARGETS.items()},
-            threads=args.threads,
-            prompt=128,
-            long_prompt=1,  # the worker also times a prefill; a 1-token one keeps it out of the way
-            new_tokens=64,
-            repeats=args.rounds,
-        )
-        times = paired_worker(spec)
+        backends = {name: backend for name, (backend, _, _) in TARGETS.items()}
+        times = paired_worker(decode_spec(paths, backends, args.threads, args.rounds))
         ref = times[f"decode_{REFERENCE}"]
         for name in TARGETS:
             mine = times[f"decode_{name}"]

@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from runtime_paired import paired_worker
+from runtime_paired import DECODE_PROMPT, DECODE_TOKENS, add_decode_arguments, decode_spec, paired_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (backend, variant directory, file inside it or "")
@@ -30,7 +30,6 @@ TARGETS = {
     "llama.cpp q4_0": ("llamacpp", "gguf-q4_0", ""),
     "llama.cpp q4_k_m": ("llamacpp", "gguf-q4_k_m", ""),
 }
-NEW_TOKENS = 64
 
 
 def render(report: dict) -> str:
@@ -41,7 +40,7 @@ def render(report: dict) -> str:
         "",
         f"Old: `{report['old']}`; new: `{report['new']}`. Machine: {m.get('cpu')}, {m['threads']} threads; load average "
         f"{m['load_average_start']} at start, {m['load_average_end']} at end. {report['rounds']} rounds of decode "
-        f"({NEW_TOKENS} tokens after a 128-token prompt) per file in turn; ratio = median over rounds of the new "
+        f"({DECODE_TOKENS} tokens after a {DECODE_PROMPT}-token prompt) per file in turn; ratio = median over rounds of the new "
         "file's decode time / the old one's in the same round (> 1.00: the new file is slower).",
         "",
         "| variant | old tok/s | new tok/s | new / old latency | range over rounds | old MiB | new MiB |",
@@ -61,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, help="the earlier export directory (effllm-export's OUT)")
     parser.add_argument("--new", required=True, help="the export directory to compare with it")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS / "quantized_paired"), help="output path without extension")
+    add_decode_arguments(parser, RESULTS / "quantized_paired")
     args = parser.parse_args(argv)
     from effllm.runtime.machine import load_average, machine_info
     from effllm.runtime.model_files import model_bytes
@@ -78,23 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"{name}: skipped, missing {missing}", file=sys.stderr)
             continue
-        spec = dict(
-            paths={side: str(p) for side, p in paths.items()},
-            backend=backend,
-            threads=args.threads,
-            prompt=128,
-            long_prompt=1,  # the worker also times a prefill; a 1-token one keeps it out of the way
-            new_tokens=NEW_TOKENS,
-            repeats=args.rounds,
-        )
+        spec = decode_spec({side: str(p) for side, p in paths.items()}, dict.fromkeys(paths, backend), args.threads, args.rounds)
         times = paired_worker(spec)
         old, new = times["decode_old"], times["decode_new"]
         ratios = [a / b for a, b in zip(new, old)]
         rows.append(
             {
                 "variant": name,
-                "old_tokens_per_s": NEW_TOKENS / statistics.median(old),
-                "new_tokens_per_s": NEW_TOKENS / statistics.median(new),
+                "old_tokens_per_s": DECODE_TOKENS / statistics.median(old),
+                "new_tokens_per_s": DECODE_TOKENS / statistics.median(new),
                 "new_over_old_latency": statistics.median(ratios),
                 "range": [min(ratios), max(ratios)],
                 "size_old_bytes": model_bytes(Path(args.old) / vdir),

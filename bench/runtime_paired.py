@@ -65,6 +65,32 @@ def paired_worker(spec: dict) -> dict:
     return times
 
 
+DECODE_PROMPT = 128
+DECODE_TOKENS = 64
+
+
+def decode_spec(paths: dict, backends: dict, threads: int, rounds: int) -> dict:
+    """paired_worker's spec for decode alone ({name: path}, {name: backend}): DECODE_TOKENS tokens after a
+    DECODE_PROMPT-token prompt, per file in turn, ``rounds`` times."""
+    return dict(
+        paths=paths,
+        backend=next(iter(backends.values())),
+        backends=backends,
+        threads=threads,
+        prompt=DECODE_PROMPT,
+        long_prompt=1,  # the worker also times a prefill; a 1-token one keeps it out of the way
+        new_tokens=DECODE_TOKENS,
+        repeats=rounds,
+    )
+
+
+def add_decode_arguments(parser, default_out: Path) -> None:
+    """The options every decode comparison takes: --rounds, --threads, --out."""
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(default_out), help="output path without extension")
+
+
 def ratios(times: dict, kind: str, name: str) -> dict:
     """``name`` over uniform for one kind of timing: the median of the per-round ratios, and their range."""
     pairs = [a / b for a, b in zip(times[f"{kind}_{name}"], times[f"{kind}_uniform"])]
