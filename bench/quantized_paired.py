@@ -17,17 +17,15 @@ import statistics
 import sys
 from pathlib import Path
 
+from four_bit_paired import TARGETS as FOUR_BIT_TARGETS
 from runtime_paired import DECODE_PROMPT, DECODE_TOKENS, add_decode_arguments, decode_spec, paired_worker
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name -> (backend, variant directory, file inside it or "")
+# name -> (backend, variant directory, file inside it or ""): four_bit_paired's 4-bit targets and the 8-bit ones
 TARGETS = {
     "onnxruntime int8": ("onnxruntime", "onnx-int8", ""),
-    "onnxruntime int4": ("onnxruntime", "onnx-int4", ""),
-    "genai int4": ("genai", "onnx-int4", ""),
-    "executorch 8da4w": ("executorch", "executorch-8da4w", "model.pte"),
+    **FOUR_BIT_TARGETS,
     "llama.cpp q8_0": ("llamacpp", "gguf-q8_0", ""),
-    "llama.cpp q4_0": ("llamacpp", "gguf-q4_0", ""),
     "llama.cpp q4_k_m": ("llamacpp", "gguf-q4_k_m", ""),
 }
 
