@@ -26,8 +26,9 @@ ExecuTorch backends call it).
 with codes from weight_quant.py's calibrated search. A linear whose input width is not a multiple of
 the group size (pruning leaves widths like 17) falls back to per-channel weights, and so do the output
 projection (lm_head) and the projections of INT8_PROJECTIONS (v_proj, up_proj, down_proj) on purpose.
-Those are int8, not int4: XNNPACK in executorch 1.5.1 delegates int4 only as groups whose size is a multiple of 32 (a per-channel int4 weight reaches it as one group of
-in_features and is refused), while int8 per-channel weights (qc8w) run there on every width.
+Those are int8, not int4: XNNPACK in executorch 1.5.1 delegates int4 only as groups whose size is a
+multiple of 32 (a per-channel int4 weight reaches it as one group of in_features and is refused), while
+int8 per-channel weights (qc8w) run there on every width.
 The token embedding is int8 per row (ExecuTorch's quantized_decomposed::embedding_byte, which the
 Android AAR and the Python runtime ship): without it the fp32 table was most of the file.
 """
@@ -125,9 +126,10 @@ def quantize_8da4w_(
 
     Per-channel int8 where in_features % group_size != 0 (the int4 group kernels need whole groups), for
     the output projection (lm_head: on SmolLM2-135M it alone cost +11% perplexity at 4 bits, +0.2% at 8),
-    and for the projections named in ``int8_projections`` (names ending so; see INT8_PROJECTIONS). The int4 scales are weight_quant.py's weighted-error search (symmetric, as XNNPACK's 4-bit groups
-    have no zero point, with scales rounded to bfloat16 as XNNPACK stores them) and the codes GPTQ on
-    them, calibrated by ``grams`` ({linear name: E[x x^T] of its input}) where given.
+    and for the projections named in ``int8_projections`` (names ending so; see INT8_PROJECTIONS). The
+    int4 scales are weight_quant.py's weighted-error search (symmetric, as XNNPACK's 4-bit groups have no
+    zero point, with scales rounded to bfloat16 as XNNPACK stores them) and the codes GPTQ on them,
+    calibrated by ``grams`` ({linear name: E[x x^T] of its input}) where given.
     """
     from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup

@@ -44,20 +44,24 @@ GGUF_TENSOR_NAMES = {
 }
 
 
+def gguf_tensor_name(linear: str) -> str | None:
+    """The GGUF tensor of an effllm Linear ("model.layers.3.mlp.up_proj" -> "blk.3.ffn_up.weight"), else None."""
+    if linear == "lm_head":
+        return "output.weight"
+    parts = linear.split(".")
+    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in GGUF_TENSOR_NAMES:
+        return GGUF_TENSOR_NAMES[".".join(parts[3:])].format(parts[2])
+    return None
+
+
 def gguf_importance(importance: dict) -> dict[str, np.ndarray]:
     """effllm's importance table ({Linear name: mean squared input per channel}) under llama.cpp's tensor
     names: what llama.cpp's imatrix tool computes (it too stores the mean of squared inputs per channel)."""
-    out = {}
-    for name, values in importance.items():
-        parts = name.split(".")
-        if name == "lm_head":
-            key = "output.weight"
-        elif parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in GGUF_TENSOR_NAMES:
-            key = GGUF_TENSOR_NAMES[".".join(parts[3:])].format(parts[2])
-        else:
-            continue
-        out[key] = np.ascontiguousarray(values.detach().float().numpy(), dtype=np.float32)
-    return out
+    return {
+        gguf_tensor_name(name): np.ascontiguousarray(values.detach().float().numpy(), dtype=np.float32)
+        for name, values in importance.items()
+        if gguf_tensor_name(name) is not None
+    }
 
 
 def quantize_gguf(
@@ -109,13 +113,16 @@ def gguf_linears(model) -> dict[str, tuple[str, int | None]]:
     every Linear of ``model`` (stand-in blocks have none: they stay as llama.cpp wrote them)."""
     out = {}
     for name, _ in model.named_modules():
-        parts = name.split(".")
-        if name == "lm_head" and not model.config.tie_word_embeddings:
-            out["output.weight"] = (name, None)
-        elif parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in GGUF_TENSOR_NAMES:
-            attn = model.model.layers[int(parts[2])].self_attn
-            heads = {"q_proj": attn.num_heads, "k_proj": attn.num_kv_heads}.get(parts[-1]) if attn else None
-            out[GGUF_TENSOR_NAMES[".".join(parts[3:])].format(parts[2])] = (name, heads)
+        tensor = gguf_tensor_name(name)
+        if tensor is None:
+            continue
+        if name == "lm_head":  # tied: token_embd is the output projection, an embedding with no gram
+            if not model.config.tie_word_embeddings:
+                out[tensor] = (name, None)
+            continue
+        attn = model.model.layers[int(name.split(".")[2])].self_attn
+        heads = {"q_proj": attn.num_heads, "k_proj": attn.num_kv_heads}.get(name.split(".")[-1]) if attn else None
+        out[tensor] = (name, heads)
     return out
 
 

@@ -179,11 +179,12 @@ def quantize_matmuls(
         weight_t = numpy_helper.to_array(initializers[node.input[1]])
         if weight_t.ndim != 2:
             continue
+        key = weight_key(weight_t)
         is_output = node.output[0] in logits or node.input[1] in folded
-        node_bits = 8 if is_output or (eight_bit and weight_key(weight_t) in eight_bit) else bits
+        node_bits = 8 if is_output or key in eight_bit else bits
         quant = quantize_blocks(
             torch.from_numpy(weight_t.T.astype(np.float32)), node_bits, block_size, symmetric=False,
-            gram=grams.get(weight_key(weight_t)),
+            gram=grams.get(key),
         )  # fmt: skip
         name = node.input[1]
         packed, scales, zeros = matmulnbits_arrays(quant)
