@@ -73,7 +73,7 @@ def train_once(source: Path, work: Path, size: str, steps: int, compile_: bool, 
     cfg = TrainConfig(
         source=str(source), target_params="0.5", tokens=steps * seq * batch, prune_fraction=0.5, seq_len=seq,
         batch_size=batch, warmup_steps=10, lr=6e-4, eval_every=10**9, eval_windows=8, save_every=10**9,
-        log_every=10, dtype="bf16" if device_type == "cuda" else "fp32", compile=compile_, quiet=True,
+        log_every=10, granularity=1, dtype="bf16" if device_type == "cuda" else "fp32", compile=compile_, quiet=True,
         out=str(work / f"run-compile-{int(compile_)}"), overwrite=True,
     )  # fmt: skip
     if device_type == "cuda":

@@ -69,7 +69,7 @@ def make_base(study: Study) -> dict:
     return dict(
         data=study.data, seq_len=p.seq_len, batch_size=p.batch_size, lr=p.lr, warmup_steps=p.warmup_steps,
         eval_every=10**9, eval_windows=10**6, heldout_fraction=p.heldout_fraction, save_every=10**9, quiet=True,
-        overwrite=True, log_every=5,
+        overwrite=True, log_every=5, granularity=1,  # single channels: the study's published results used them
     )  # fmt: skip
 
 
@@ -203,6 +203,7 @@ def one_shot_prune_source(study: Study, cell: Cell, target_params: int, out: Pat
     model = EfficientLLMForCausalLM.from_pretrained(study.source_dir, dtype=torch.float32)
     batches = [stream.next_batch() for _ in range(p.calib_batches)]
     pruning = PruningConfig(
+        granularity=1,  # as in make_base
         taylor_order=1 if cell.variant == "first-order" else 2,
         stem_price=stem_price(cell),
     )

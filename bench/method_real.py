@@ -223,6 +223,7 @@ class RealStudy:
             distill=cell.distill, shape=cell.shape, tokens=p.tokens, seq_len=p.seq_len, batch_size=p.batch_size,
             lr=p.lr, warmup_steps=p.warmup_steps, seed=cell.seed, dtype=p.dtype, heldout_fraction=TRAIN_HELDOUT,
             eval_every=10**9, eval_windows=4, save_every=10**9, log_every=5, quiet=True, overwrite=True,
+            granularity=1,  # single channels: the study's published results used them
             out=str(self.root / "runs" / cell.key),
         )  # fmt: skip
 

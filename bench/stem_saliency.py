@@ -82,7 +82,7 @@ def removal_loss(model, unit, windows, base: float) -> float:
     from effllm.pruning import Pruner, PruningConfig
 
     trial = copy.deepcopy(model)
-    pruner = Pruner(trial, PruningConfig())
+    pruner = Pruner(trial, PruningConfig(granularity=1))  # one unit at a time
     pruner.remove_groups([unit])
     pruner.close()
     return heldout_loss(trial, windows) - base

@@ -128,7 +128,7 @@ def test_torchrun_two_ranks_agree_with_distill_and_a_staged_schedule(workspace):
                 "-m", "effllm.cli"]  # fmt: skip
     r = run_cli(*_args(workspace, "distill-ddp", "--distill", "--schedule", "staged", "--stages", "2",
                        "--calibration-batches", "3", "--target-params", "0.6", "--tokens", "5120",
-                       "--prune-tokens", "2560", "--check-decisions"), launcher=launcher)  # fmt: skip
+                       "--prune-tokens", "2560", "--check-decisions", "--granularity", "1"), launcher=launcher)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((workspace / "distill-ddp" / "results.json").read_text())
     # check_same_decisions / check_same_weights raise on any difference between the ranks

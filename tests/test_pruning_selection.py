@@ -71,7 +71,7 @@ def test_group_sizes_equal_the_parameters_removed(variant):
 
 def test_last_hidden_channel_is_never_removed():
     model = tiny_model(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-    pruner = Pruner(model)
+    pruner = Pruner(model, PruningConfig(granularity=1))  # single channels, down to the last one
     with pytest.raises(ValueError, match="every hidden channel"):
         pruner.remove_groups([("stem", None, i) for i in range(8)])
     records = pruner.prune_to(0)
@@ -168,7 +168,7 @@ def test_linear_budget():
 def test_schedule_keeps_params_within_one_group_of_the_budget():
     model = tiny_model(**GQA, tie_word_embeddings=False).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pruner = Pruner(model, PruningConfig(), optimizer=opt)
+    pruner = Pruner(model, PruningConfig(granularity=1), optimizer=opt)  # single channels: a fine budget track
     source = count_parameters(model.config).total
     sched = ParameterBudget(source, source // 3, start_tokens=0, end_tokens=40 * 24)
     gen = torch.Generator().manual_seed(0)

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from test_train import TINY_TRAIN, _args, _wait_for, run_cli, workspace  # noqa: F401  (workspace: a fixture)
 
 # 128 tokens per step: 25 steps; the one-shot removal comes after step 5 (token 640)
+# Single channels in the schedule tests: the toy source's widths (64 hidden, 128 FFN) are a few blocks of 32.
 ONE_SHOT = ("--schedule", "one-shot", "--target-params", "0.55", "--tokens", "3200", "--prune-start", "640",
-            "--calibration-batches", "12", "--save-every", "2")  # fmt: skip
+            "--calibration-batches", "12", "--save-every", "2", "--granularity", "1")  # fmt: skip
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -78,7 +79,7 @@ def test_staged_removes_in_k_steps_along_the_budget(workspace):  # noqa: F811
     from effllm.pruning import ParameterBudget
 
     args = ("--schedule", "staged", "--stages", "3", "--target-params", "0.5", "--tokens", "3200",
-            "--prune-tokens", "1920", "--calibration-batches", "4")  # fmt: skip
+            "--prune-tokens", "1920", "--calibration-batches", "4", "--granularity", "1")  # fmt: skip
     r = run_cli(*_args(workspace, "staged", *args))
     assert r.returncode == 0, r.stderr[-3000:]
     out = workspace / "staged"

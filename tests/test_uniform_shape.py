@@ -13,7 +13,7 @@ from test_train import _args, run_cli, workspace  # noqa: F401  (workspace: a fi
 from effllm.pruning import GroupType, ModelShapes, Pruner, PruningConfig, select_groups
 from effllm.pruning.groups import floor_shapes
 
-UNIFORM = PruningConfig(shape="uniform")
+UNIFORM = PruningConfig(shape="uniform", granularity=1)  # single channels: the toy widths are few blocks of 32
 
 
 def _random_scores(shapes: ModelShapes, seed: int = 0) -> dict:

@@ -105,13 +105,13 @@ class TrainConfig:
     distill_weight: float = _f(1.0, "with --distill: loss = w * KD + (1 - w) * LM; 1 is pure distillation")
     # pruning
     granularity: int = _f(
-        1,
-        "FFN and hidden channels are pruned in blocks of N so widths stay multiples of N. Use 32 for a model you "
-        "will quantize: every 4-bit group (effllm-export's 8da4w and int4, llama.cpp's q4_0/q8_0 blocks) is then "
-        "whole; at 95M parameters arbitrary widths made 8da4w read 59 MiB of weights per token instead of 51 "
-        "(int8 fallbacks) and llama.cpp q4_0 87 MiB instead of 61 (f16 fallbacks); SmolLM2-135M pruned to 0.7 "
-        "reached the same held-out perplexity at 32 as at 1 (62.37 vs 62.63) with q4_0 / q4_k_m files 21% / 17% "
-        "smaller (bench/results/real_model_quantization.md). Default 1: single channels, as in the paper",
+        32,
+        "FFN and hidden channels are pruned in blocks of N so widths stay multiples of N. The default 32 is the "
+        "block of every quantized export (effllm-export's 8da4w and int4 groups, llama.cpp's q4_0/q8_0 blocks), "
+        "so none of them falls back to a wider type; at 95M parameters arbitrary widths made 8da4w read 59 MiB "
+        "of weights per token instead of 51 (int8 fallbacks) and llama.cpp q4_0 87 MiB instead of 61 (f16 "
+        "fallbacks); SmolLM2-135M pruned to 0.7 reached the same held-out perplexity at 32 as at 1 (62.37 vs "
+        "62.63) with q4_0 / q4_k_m files 21% / 17% smaller. 1 prunes single channels, as in the paper",
     )
     shape: str = _f(
         "irregular",
