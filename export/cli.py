@@ -110,15 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
         "the perplexity change then still compares quantized with fp32 fairly)",
     )
     parser.add_argument(
-        "--lowering-workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help="processes that lower the .pte variants (ExecuTorch's XNNPACK lowering, single-threaded and the "
-        "slowest step) while this one exports and verifies the rest; 0 lowers them here, one after the other "
-        "(default: one per two CPU cores, at most one per .pte, as many as memory holds beside this process)",
-    )
-    parser.add_argument(
         "--no-verify", action="store_true", help="skip the verification against torch (faster; no verify.json)"
     )
     return parser

@@ -44,7 +44,6 @@ class Plan:
     eval_text: Path | None  # --eval-text (UTF-8)
     heldout_bin: Path | None  # else effllm-train's held-out token ids, if found
     gguf_dtype: str = "f16"  # weights of the gguf variant (the quantized ones are made from it)
-    lowering_workers: int | None = None  # --lowering-workers; None: lowering_workers.worker_count decides
 
 
 def resolve_plan(args) -> Plan:
@@ -100,13 +99,9 @@ def resolve_plan(args) -> Plan:
             raise EffllmError(f"--eval-text {eval_text} is not a file; give a UTF-8 text file or leave the flag out")
     elif not args.no_verify:
         heldout_bin = find_train_heldout(model_dir, config.vocab_size)
-    workers = getattr(args, "lowering_workers", None)
-    if workers is not None and workers < 0:
-        raise EffllmError(f"--lowering-workers {workers} is negative; use 0 to lower in this process, or leave it out")
     check_writable(out)
     return Plan(
-        model_dir, out, variants, max_seq_len, args.group_size, not args.no_verify, eval_text, heldout_bin, gguf_dtype,
-        workers,
+        model_dir, out, variants, max_seq_len, args.group_size, not args.no_verify, eval_text, heldout_bin, gguf_dtype
     )  # fmt: skip
 
 

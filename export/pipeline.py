@@ -9,29 +9,88 @@ other variants stay, with their own files).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from effllm.runtime.model_files import model_bytes
+from effllm.runtime.native import quiet_native_output
 
 from .calibration import Calibration, load_heldout
 from .inputs import Plan, Variant
-from .quiet import quiet_libraries, quiet_progress_bars
+
+# Libraries whose log records below ERROR, while they export, are progress or environment notes (torch.onnx's
+# "torchvision is not installed. Skipping torchvision::nms" and its kin), not news for our users.
+LIBRARY_LOGGERS = ("torch", "onnxscript", "onnx_ir", "executorch", "torchao")
 
 
 def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def quiet_loggers(names=LIBRARY_LOGGERS, level: int = logging.ERROR):
+    """Raise these loggers to ``level`` meanwhile, and restore their own levels afterwards."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, saved):
+            lg.setLevel(old)
+
+
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """No transformers progress bar ("Loading weights") meanwhile; its setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_libraries(native: bool = False):
+    """Keep the exporters' own chatter off the terminal while they run: torch.onnx's step lines (stdout),
+    warnings, and library log records below ERROR (torch.onnx's "torchvision is not installed.
+    Skipping torchvision::nms" and its kin). Everything is restored when the block ends.
+
+    native=True also silences C++ code that writes to the process's stdout/stderr directly (the
+    ExecuTorch runtime logs CPU probing when it loads); Python errors still surface, after it ends.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        stack.enter_context(quiet_loggers())
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        if native:
+            stack.enter_context(quiet_native_output())
+        yield
+
+
 def run_export(plan: Plan) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
     from effllm import EfficientLLMForCausalLM
     from effllm.model.params import architecture_summary
+
+    from .executorch_export import export_executorch
+    from .gguf_export import export_gguf
+    from .gguf_quantize import quantize_gguf
+    from .onnx_export import export_onnx
+    from .quantize import eight_bit_weights, quantize_onnx_dir
 
     say(f"effllm-export: {plan.model_dir} -> {plan.out} ({', '.join(v.name for v in plan.variants)})")
     with quiet_progress_bars():
@@ -46,34 +105,37 @@ def run_export(plan: Plan) -> int:
     steps = len(plan.variants) * (2 if plan.verify else 1)
     step = 0
     reports = []
-    lowering = None
-    torch_threads = torch.get_num_threads()
     try:
-        lowering = start_lowering(plan, model, staging, calibration)
-        background = set(lowering.jobs) if lowering else set()
-        # Beside the lowering workers (one core each) this process takes the other cores, no more: a thread
-        # pool larger than its share of the machine waits at every barrier for threads that are not running.
-        threads = max(1, (os.cpu_count() or 1) - len(lowering.processes)) if lowering else None
-        if threads:
-            torch.set_num_threads(threads)
         verifier = None
         if plan.verify:
             from .verifier import Verifier
 
-            verifier = Verifier(plan, model, heldout, threads)
-        # the variants lowered in the background come last: everything else runs while they are lowered
-        for variant in sorted(plan.variants, key=lambda v: v.name in background):
+            verifier = Verifier(plan, model, heldout)
+        for variant in plan.variants:
             step += 1
+            say(f"[{step}/{steps}] export {variant.name}{_slow_hint(variant)} ...")
+            start = time.perf_counter()
             target = staging / variant.name
-            if variant.name in background:
-                say(f"[{step}/{steps}] export {variant.name}: waiting for its background lowering ...")
-                seconds = lowering.wait(variant.name)
-                if verifier is not None and not lowering.running():  # the machine is this process's again
-                    torch.set_num_threads(torch_threads)
-                    verifier.threads = None
-            else:
-                say(f"[{step}/{steps}] export {variant.name}{_slow_hint(variant)} ...")
-                seconds = export_variant(plan, variant, model, target, staging, calibration, threads)
+            with quiet_libraries():
+                if variant.format == "onnx" and variant.quantization == "fp32":
+                    export_onnx(model, target, plan.max_seq_len, model_dir=plan.model_dir)
+                elif variant.format == "onnx":
+                    quantize_onnx_dir(
+                        staging / "onnx", target, variant.quantization, plan.group_size, calibration.by_onnx_weight(),
+                        eight_bit=eight_bit_weights(model),
+                    )  # fmt: skip
+                elif variant.format == "gguf" and variant.quantization in ("fp32", "f16"):
+                    export_gguf(model, target, plan.max_seq_len, plan.model_dir, plan.gguf_dtype)
+                elif variant.format == "gguf":
+                    quantize_gguf(
+                        staging / "gguf", target, variant.quantization, importance=calibration.importance(),
+                        model=model, grams=calibration.by_linear(),
+                    )  # fmt: skip
+                else:
+                    quantize = None if variant.quantization == "fp32" else variant.quantization
+                    grams = calibration.by_linear() if quantize else None
+                    export_executorch(model, target, plan.max_seq_len, quantize, plan.group_size, plan.model_dir, grams)
+            seconds = time.perf_counter() - start
             size = model_bytes(target)
             say(f"      done in {seconds:.1f} s, {size / 2**20:.2f} MiB")
             if verifier is not None:
@@ -84,17 +146,12 @@ def run_export(plan: Plan) -> int:
                 report.export_seconds, report.size_bytes = seconds, size
                 reports.append(report)
                 say(f"      {'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)}")
-        order = [v.name for v in plan.variants]
-        reports.sort(key=lambda r: order.index(r.name))
         if verifier is not None:
             from .verify_report import write_reports
 
             write_reports(reports, staging, {**verifier.summary_fields(), **calibration.summary_fields()})
         publish(staging, plan.out, [v.name for v in plan.variants], plan.verify)
     finally:
-        torch.set_num_threads(torch_threads)
-        if lowering is not None:
-            lowering.close()
         shutil.rmtree(staging, ignore_errors=True)
 
     if not plan.verify:
@@ -112,62 +169,6 @@ def run_export(plan: Plan) -> int:
         return 1
     say(f"exported and verified: {plan.out} (verify.json, verify.md)")
     return 0
-
-
-def export_variant(
-    plan: Plan, variant: Variant, model, target: Path, staging: Path, calibration, threads: int | None = None
-) -> float:
-    """Write one variant into ``target`` (the quantized ONNX and GGUF ones from their fp32 siblings in
-    ``staging``; llama.cpp's quantizer on ``threads``, None: every core); the seconds it took."""
-    from .executorch_export import export_executorch
-    from .gguf_export import export_gguf
-    from .gguf_quantize import quantize_gguf
-    from .onnx_export import export_onnx
-    from .quantize import eight_bit_weights, quantize_onnx_dir
-
-    start = time.perf_counter()
-    with quiet_libraries():
-        if variant.format == "onnx" and variant.quantization == "fp32":
-            export_onnx(model, target, plan.max_seq_len, model_dir=plan.model_dir)
-        elif variant.format == "onnx":
-            quantize_onnx_dir(
-                staging / "onnx", target, variant.quantization, plan.group_size, calibration.by_onnx_weight(),
-                eight_bit=eight_bit_weights(model),
-            )  # fmt: skip
-        elif variant.format == "gguf" and variant.quantization in ("fp32", "f16"):
-            export_gguf(model, target, plan.max_seq_len, plan.model_dir, plan.gguf_dtype)
-        elif variant.format == "gguf":
-            quantize_gguf(
-                staging / "gguf", target, variant.quantization, threads, importance=calibration.importance(),
-                model=model, grams=calibration.by_linear(),
-            )  # fmt: skip
-        else:
-            quantize = None if variant.quantization == "fp32" else variant.quantization
-            grams = calibration.by_linear() if quantize else None
-            export_executorch(model, target, plan.max_seq_len, quantize, plan.group_size, plan.model_dir, grams)
-    return time.perf_counter() - start
-
-
-def start_lowering(plan: Plan, model, staging: Path, calibration):
-    """The .pte variants' lowering started in background processes (lowering_workers.py), or None when
-    there is none to lower or it runs in this process (--lowering-workers 0, or too little memory)."""
-    from .lowering_workers import LoweringJob, LoweringWorkers, worker_count
-
-    jobs = [
-        LoweringJob(v.name, staging / v.name, None if v.quantization == "fp32" else v.quantization)
-        for v in plan.variants
-        if v.format == "executorch"
-    ]
-    if not jobs:
-        return None
-    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
-    workers = plan.lowering_workers if plan.lowering_workers is not None else worker_count(len(jobs), fp32_bytes)
-    workers = min(workers, len(jobs))
-    if workers == 0:
-        return None
-    grams = calibration.by_linear() if any(job.quantize for job in jobs) else None
-    say(f"lowering {', '.join(job.name for job in jobs)} in {workers} background process(es) (XNNPACK) ...")
-    return LoweringWorkers(jobs, workers, plan.model_dir, plan.max_seq_len, plan.group_size, grams)
 
 
 def _slow_hint(variant: Variant) -> str:

@@ -26,14 +26,12 @@ from .verify import (
 class Verifier:
     """Holds the torch reference, the prompts and the held-out windows shared by all variants."""
 
-    def __init__(self, plan: Plan, model, heldout: HeldoutTokens, threads: int | None = None):
-        """threads: for the runtimes that run the exported files (None: their defaults, every core)."""
+    def __init__(self, plan: Plan, model, heldout: HeldoutTokens):
         from tokenizers import Tokenizer
 
         from .onnx_export import eos_ids
 
         self.plan = plan
-        self.threads = threads
         self.reference = TorchReference(model)
         self.eos = eos_ids(model.config)
         tokenizer = self.tokenizer = Tokenizer.from_file(str(plan.model_dir / "tokenizer.json"))
@@ -55,7 +53,7 @@ class Verifier:
             def genai_greedy(prompt, new_tokens):
                 return search(target, prompt, new_tokens)
 
-        exported = self._load(path, variant.format, self.threads)
+        exported = self._load(path, variant.format)
         try:
             if variant.format == "gguf":
                 self._gguf_checks(report, exported, variant)
@@ -84,21 +82,21 @@ class Verifier:
             report.tensor_fallbacks = quantization_fallbacks(exported.path, variant.quantization)
 
     @staticmethod
-    def _load(path: Path, fmt: str, threads: int | None):
+    def _load(path: Path, fmt: str):
         if fmt == "gguf":
             from effllm.runtime.llamacpp_backend import LlamaCppBackend
 
             # An F32 KV cache: the logit check then measures the weights, not llama.cpp's F16 cache.
-            return LlamaCppBackend(path, threads, kv_cache="f32")
+            return LlamaCppBackend(path, kv_cache="f32")
         if fmt == "onnx":
             from effllm.runtime.onnx_backend import OnnxRuntimeBackend
 
             # No busy-waiting between the many tiny decode calls: spinning threads only steal the CPU
             # from everything else on a small machine, for no gain at these sizes.
-            return OnnxRuntimeBackend(path, threads, spinning=False)
+            return OnnxRuntimeBackend(path, spinning=False)
         from effllm.runtime.executorch_backend import ExecuTorchBackend
 
-        return ExecuTorchBackend(path, threads)
+        return ExecuTorchBackend(path)
 
     def summary_fields(self) -> dict:
         return {

@@ -71,10 +71,7 @@ def test_cli_exports_and_verifies_the_trained_irregular_model(tokenizer, corpus)
     for name in VARIANT_FILES:
         assert f"| {name} |" in run.stdout
         assert f"| {name} |" in (run.out / "verify.md").read_text()
-    # The .pte variants were lowered in a background process while the rest were exported and verified.
-    assert re.search(r"lowering executorch, executorch-8da4w in [12] background process\(es\)", run.stderr)
-    assert "[17/18] export executorch-8da4w: waiting for its background lowering" in run.stderr
-    assert "[18/18] verify executorch-8da4w" in run.stderr
+    assert "[18/18] verify gguf-q4_k_m" in run.stderr
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +119,6 @@ def test_unwritable_out_dir(small_model_dir, tmp_path, capsys):
     assert "cannot write to output directory" in line and "choose a writable --out" in line
 
 
-def test_negative_lowering_workers(small_model_dir, tmp_path, capsys):
-    line = _bad_input([small_model_dir, "--out", tmp_path / "out", "--lowering-workers", -1], capsys)
-    assert "--lowering-workers -1 is negative; use 0 to lower in this process" in line
-
-
 def test_missing_tokenizer_and_inapplicable_quantization(small_model_dir, tmp_path, capsys):
     bare = tmp_path / "bare"
     shutil.copytree(small_model_dir, bare)
@@ -156,7 +148,6 @@ def test_help_explains_every_flag():
         "--max-seq-len",
         "--eval-text",
         "--no-verify",
-        "--lowering-workers",
     ):
         assert flag in out.stdout, flag
     assert "runs/quickstart/model" in out.stdout and "Exit codes" in out.stdout
@@ -178,7 +169,7 @@ def test_the_export_keeps_library_chatter_out_of_the_terminal(small_model_dir, t
 
 def test_library_loggers_are_quiet_only_inside_the_block():
     """Not process-wide: the loggers' own levels come back when the export ends."""
-    from effllm.export.quiet import quiet_loggers
+    from effllm.export.pipeline import quiet_loggers
 
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     before = [logging.getLogger(name).level for name in ("torch", "torchao", "onnxscript")]
