@@ -67,6 +67,9 @@ def test_prunes_to_target_and_writes_report(workspace):
     config = AutoConfig.from_pretrained(out / "model")
     assert count_parameters(config).total == result["final_params"]
     assert (out / "model" / "tokenizer.json").is_file()
+    # The default granularity (32) leaves every width a multiple of the quantized formats' block.
+    ffn = [width for _, _, width in config.layer_shapes()]
+    assert config.hidden_size % 32 == 0 and all(width % 32 == 0 for width in ffn), (config.hidden_size, ffn)
     # A second invocation into the same directory is refused, and touches nothing.
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
     again = run_cli(*_args(ws, "run1", "--target-params", "0.5", "--tokens", "6400"))
