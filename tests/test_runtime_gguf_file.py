@@ -24,10 +24,23 @@ def gguf_file():
 
 @pytest.fixture(scope="module")
 def llamacpp_text(gguf_file):
-    """llama.cpp's own greedy continuation, through llama-cpp-python's high-level Llama class."""
+    """llama.cpp's own greedy continuation, through llama-cpp-python's high-level Llama class, with the model
+    parameter effllm's backend sets: no extra CPU buffer types. Llama offers no argument for it, and with them
+    llama.cpp runs this file's Q4_1 matmuls in its AMX kernels, which die with SIGILL on a CPU that reports AMX
+    without enabling it (an Intel VM of this project: `tilezero` in ggml_backend_amx_mul_mat)."""
     import llama_cpp
+    import llama_cpp.llama_cpp as api
 
-    llm = llama_cpp.Llama(str(gguf_file), n_ctx=128, n_threads=1, verbose=False)
+    default_params = api.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api, "llama_model_default_params", without_extra_buffers)
+        llm = llama_cpp.Llama(str(gguf_file), n_ctx=128, n_threads=1, verbose=False)
     try:
         return llm(PROMPT, max_tokens=NEW_TOKENS, temperature=0.0)["choices"][0]["text"]
     finally:
