@@ -8,7 +8,7 @@ granularity = 32
     that did not first loses its remainder). 32 is the block of every 4-bit and 8-bit format the
     exports write (onnx int4 and ExecuTorch 8da4w groups, llama.cpp's q4_0/q8_0 blocks): at odd
     widths those tensors fall back to wider types. Measured on SmolLM2-135M pruned to 0.7: the
-    same held-out perplexity at 32 as at 1 (62.37 against 62.63), q8_0/q4_0/q4_k_m files 12-21%
+    same held-out perplexity at 32 as at 1 (62.37 against 62.63), q8_0/q4_0/q4_k_m files 11-21%
     smaller and faster to decode. 1 prunes single channels, as in the paper. Channel order
     carries no meaning in a transformer, so the block is chosen by saliency, not by position.
     Attention groups are always one KV head with its query heads.
