@@ -23,7 +23,7 @@ from .bench_targets import BenchSettings, Target
 from .roofline import roofline_tokens_per_s, weights_per_token
 
 # Keys whose values name files or directories (top level, rows, settings): written as portable_path.
-PATH_KEYS = ("model", "path", "config_path", "export_dir", "out", "work", "extra")
+PATH_KEYS = ("model", "path", "export_dir", "out", "work", "extra")
 
 
 def portable_path(path: str | Path) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from effllm.common.errors import EffllmError
 
 from .generate import check_files
-from .model_files import BACKENDS, FORMAT_OF_BACKEND, find_model_files, model_bytes, sibling_model
+from .model_files import BACKENDS, FORMAT_OF_BACKEND, find_model_files, model_bytes
 
 BENCH_BACKENDS = tuple(b for b in BACKENDS if b != "executorch-runner")
 DEFAULT_PROMPT_LENGTHS = (128, 512)
@@ -36,7 +36,6 @@ class Target:
     path: str  # what load_backend takes
     file_bytes: int
     model: str = ""  # a label for the model (several models in one report)
-    config_path: str | None = None  # config.json of the model, when found (for the .pte estimate)
     export_dir: str | None = None  # where verify.json may be
 
 
@@ -78,13 +77,6 @@ def plan_targets(
     dirs = [location for _, location in files.variants.values() if location.is_dir()]
     if dirs:  # (a model file's own directory is no export: no verify.json to look for)
         export_dir = str(dirs[0].parent)
-    config_path = None
-    if files.hf is not None:
-        config_path = str(files.hf / "config.json")
-    elif export_dir is not None:
-        hf = sibling_model(Path(export_dir))
-        if hf is not None and (hf / "config.json").is_file():
-            config_path = str(hf / "config.json")
     targets = []
     for backend in backends:
         fmt = FORMAT_OF_BACKEND[backend]
@@ -92,7 +84,7 @@ def plan_targets(
             if files.hf is not None and (not variants or "model" in variants):
                 path = files.hf
                 targets.append(
-                    Target(backend, "model", "fp32", str(path), model_bytes(path), label, config_path, export_dir)
+                    Target(backend, "model", "fp32", str(path), model_bytes(path), label, export_dir)
                 )
             continue
         for name, (vfmt, location) in files.variants.items():
@@ -103,7 +95,7 @@ def plan_targets(
             else:
                 path, quantization = (location / "model.pte" if fmt == "pte" else location), quantization_of(name)
             size = model_bytes(path if fmt == "pte" else location)
-            targets.append(Target(backend, name, quantization, str(path), size, label, config_path, export_dir))
+            targets.append(Target(backend, name, quantization, str(path), size, label, export_dir))
     for target in targets:  # a bad file is bad input: refused here, before any report is written
         check_files(target.backend, target.path)
     if not targets:

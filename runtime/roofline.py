@@ -4,9 +4,8 @@
 
 Bytes per token: every weight tensor, except an embedding table that is only gathered from (one row
 is read); a tied embedding is read in full by the output projection. For ONNX files this is read off
-the graph; for the torch model off model.safetensors (run as float32); for .pte files it is estimated
-from the model's config.json (found beside the export) and the quantization (8da4w: int4 + a bf16
-scale per group of 32, int8 per-channel where the width is not a multiple of 32). KV-cache reads are
+the graph; for the torch model off model.safetensors (run as float32); for .pte files off the program
+(whatever each projection's precision: 8da4w mixes int4 groups and int8 channels). KV-cache reads are
 left out (small at these lengths). The bandwidth is machine.py's measurement.
 """
 
@@ -17,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import read_json
 from .bench_targets import Target
 from .model_files import FORMAT_OF_BACKEND
 
-INT4_GROUP = 32
+# ExecuTorch kernels that read one row of a table per token id (fp32, and 8da4w's int8 rows with their scales)
+PTE_GATHER_OPS = {"aten::embedding", "quantized_decomposed::embedding_byte"}
 
 
 ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 21: 1, 22: 1}
@@ -71,45 +70,32 @@ def safetensors_bytes_per_token(model_dir: Path) -> int | None:
     return total
 
 
-def pte_bytes_per_token(config_path: Path, quantization: str, group: int = INT4_GROUP) -> int | None:
-    """Estimated bytes per token of a .pte from the model's config (fp32, or 8da4w's int4/int8 weights)."""
-    config = read_json(config_path)
-    if not config:
-        return None
-    d, vocab = int(config["hidden_size"]), int(config["vocab_size"])
-    head_dim = int(config.get("head_dim") or d // int(config["num_attention_heads"]))
-    layers = int(config["num_hidden_layers"])
-    per_layer = config.get("per_layer_config") or {}
-    if isinstance(per_layer, list):
-        per_layer = dict(enumerate(per_layer))
-    per_layer = {int(k): v for k, v in per_layer.items()}  # keys are written as "00", "01", ...
+def pte_bytes_per_token(pte_file: Path) -> int:
+    """Bytes of a .pte's weights one decode step reads: XNNPACK's weights (the file's named data) and the
+    program's constants, less the tables only embedding kernels read, of which one row (a row per token id).
 
-    def layer_value(i: int, key: str) -> int:
-        return int((per_layer.get(i) or {}).get(key, config[key]))
+    A tied embedding's output projection is XNNPACK's own copy of the table, so it still counts in full.
+    """
+    from executorch.exir._serialize._program import deserialize_pte_binary
 
-    linears = [(d, vocab)]  # (in, out): the output projection
-    norms = d
-    for i in range(layers):
-        heads, kv, ffn = (
-            layer_value(i, k) for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-        )
-        if heads:
-            linears += [(d, heads * head_dim), (d, kv * head_dim), (d, kv * head_dim), (heads * head_dim, d)]
-            norms += d
-        if ffn:
-            linears += [(d, ffn), (d, ffn), (ffn, d)]
-            norms += d
-
-    def linear_bytes(n_in: int, n_out: int) -> float:
-        if quantization == "fp32":
-            return 4.0 * n_in * n_out
-        if n_in % group == 0:  # int4 in groups, a bf16 scale per group
-            return n_in * n_out * (0.5 + 2.0 / group)
-        return n_in * n_out + 4.0 * n_out  # int8 per output channel, an fp32 scale per channel
-
-    if quantization not in ("fp32", "8da4w"):
-        return None
-    return int(sum(linear_bytes(i, o) for i, o in linears) + 4 * (norms + d))  # + one embedding row
+    pte = deserialize_pte_binary(Path(pte_file).read_bytes())
+    program = pte.program
+    forward = next(plan for plan in program.execution_plan if plan.name == "forward")
+    readers: dict[int, set[str]] = {}  # value index -> the kernels (or delegate calls) that take it
+    for chain in forward.chains:
+        for instruction in chain.instructions:
+            call = instruction.instr_args
+            name = forward.operators[call.op_index].name if hasattr(call, "op_index") else type(call).__name__
+            for index in getattr(call, "args", ()):
+                readers.setdefault(index, set()).add(name)
+    total = sum(len(buffer) for buffer in pte.named_data.buffers) if pte.named_data else 0
+    total += sum(len(buffer.storage) for buffer in program.constant_buffer)
+    for index, value in enumerate(forward.values):
+        tensor = value.val
+        if getattr(tensor, "data_buffer_idx", 0) > 0 and tensor.sizes and readers.get(index, {""}) <= PTE_GATHER_OPS:
+            nbytes = len(program.constant_buffer[tensor.data_buffer_idx].storage)
+            total -= nbytes - nbytes // tensor.sizes[0]
+    return total
 
 
 def weights_per_token(target: Target) -> tuple[int | None, str]:
@@ -122,11 +108,11 @@ def weights_per_token(target: Target) -> tuple[int | None, str]:
             return onnx_bytes_per_token(path / "model.onnx"), "ONNX initializers"
         if FORMAT_OF_BACKEND[target.backend] == "gguf":
             return gguf_bytes_per_token(path / "model.gguf" if path.is_dir() else path), "GGUF tensors"
-        if target.config_path:
-            return pte_bytes_per_token(Path(target.config_path), target.quantization), "estimated from config.json"
-    except (OSError, ValueError, KeyError, TypeError):
+        if FORMAT_OF_BACKEND[target.backend] == "pte":
+            return pte_bytes_per_token(path / "model.pte" if path.is_dir() else path), "the .pte program's weights"
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
         pass
-    return None, "unknown (no config.json found beside the export)"
+    return None, "unknown (the file could not be read)"
 
 
 def gguf_bytes_per_token(model_file: Path) -> int:

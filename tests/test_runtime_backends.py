@@ -321,7 +321,7 @@ def test_bench_worker_records_a_failure_instead_of_crashing(tmp_path):
 
 
 def test_weights_per_token_counts_a_gathered_embedding_as_one_row(run_dir):
-    from effllm.runtime.roofline import onnx_bytes_per_token, safetensors_bytes_per_token
+    from effllm.runtime.roofline import onnx_bytes_per_token, pte_bytes_per_token, safetensors_bytes_per_token
 
     config = json.loads((run_dir / "model" / "config.json").read_text())
     d, vocab = config["hidden_size"], config["vocab_size"]
@@ -333,6 +333,10 @@ def test_weights_per_token_counts_a_gathered_embedding_as_one_row(run_dir):
         params = sum(p.numel() for p in model.parameters())
     assert total == 4 * (params - vocab * d + d)
     assert np.isclose(onnx_bytes_per_token(run_dir / "export" / "onnx" / "model.onnx"), total, rtol=0.05)
+    # the .pte: read off the program (its embedding table one row, the untied lm_head in full)
+    pte = run_dir / "export" / "executorch" / "model.pte"
+    assert np.isclose(pte_bytes_per_token(pte), total, rtol=0.05)
+    assert pte_bytes_per_token(pte) < pte.stat().st_size - 4 * (vocab - 1) * d + 1  # the table is not counted
 
 
 # ---- the Android app's expectations -----------------------------------------------------------------------
