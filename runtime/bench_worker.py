@@ -22,7 +22,7 @@ import numpy as np
 from effllm.common.errors import first_line
 
 from .bench_targets import BenchSettings, Target
-from .native import quiet_native_output
+from .native import EXECUTORCH_OPENMP_ENV, quiet_native_output
 
 
 def memory_mib(field_name: str = "VmHWM") -> float | None:
@@ -119,6 +119,8 @@ def measure(spec: dict) -> dict:
     if result["peak_rss_mb"] is not None and rss_runtime is not None:
         result["model_rss_mb"] = result["peak_rss_mb"] - rss_runtime  # see bench.py: "over runtime"
     result["torch_imported"] = "torch" in sys.modules
+    # OpenMP's threads in this worker (torch's count; None without torch): 1 beside ExecuTorch (native.py)
+    result["openmp_threads"] = sys.modules["torch"].get_num_threads() if result["torch_imported"] else None
     result["notes"] = notes
     backend.close()
     return result
@@ -153,8 +155,11 @@ def run_target(target: Target, settings: BenchSettings) -> dict:
             "result_path": str(Path(tmp) / "result.json"),
         }
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        if settings.threads:
-            # torch/OpenMP read these at import; onnxruntime and ExecuTorch get the count from the backend
+        if target.backend == "executorch":
+            # XNNPACK's pool does the work (sized by the backend); OpenMP's threads would only compete (native.py)
+            env.update(EXECUTORCH_OPENMP_ENV)
+        elif settings.threads:
+            # torch/OpenMP read these at import; onnxruntime and llama.cpp get the count from the backend
             env.update(OMP_NUM_THREADS=str(settings.threads), MKL_NUM_THREADS=str(settings.threads))
         cmd = [sys.executable, "-c", WORKER_BOOT]
         try:

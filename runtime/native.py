@@ -1,5 +1,5 @@
-"""Helpers for the native (C++) libraries under the runtimes: muting their direct output, and
-registering ExecuTorch's LLM kernels.
+"""Helpers for the native (C++) libraries under the runtimes: muting their direct output, registering
+ExecuTorch's LLM kernels, and keeping OpenMP's threads out of ExecuTorch's way.
 
 Both the runtime backends and ``effllm.export`` use them; they live here, below export, so that
 imports run one way (core <- runtime <- export). Nothing heavy is imported at module level.
@@ -36,6 +36,29 @@ def quiet_native_output(enabled: bool = True):
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
+
+
+# OpenMP settings for a process that runs a .pte in the Python runtime. ExecuTorch's LLM kernels there
+# (custom_sdpa) reach libtorch's BLAS, whose OpenMP worker threads keep spinning after each call and take
+# the cores from XNNPACK's own thread pool, which does the model's work. On a 2-core VM the 0.7-pruned
+# SmolLM2-135M's 8da4w .pte decoded at 19.8 ms a token with OpenMP at 2 threads and 3.7 ms at 1
+# (custom_sdpa 13.6 -> 0.8 ms, the int4 matmuls 2.1 -> 0.7 ms); torch.set_num_threads(1) in the running
+# process did not help (the spinning threads belong to XNNPACK's workers). libgomp reads these variables
+# once, when torch loads, so they must be set before that.
+EXECUTORCH_OPENMP_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def openmp_single_thread_for_executorch() -> bool:
+    """Set EXECUTORCH_OPENMP_ENV in this process (variables the user set stay) if torch is not loaded yet.
+
+    Returns whether it could: once torch is imported, OpenMP has read its settings. Only for processes
+    whose torch does no heavy work of its own (the torch backend and the exporter need OpenMP's threads).
+    """
+    if "torch" in sys.modules:
+        return False
+    for name, value in EXECUTORCH_OPENMP_ENV.items():
+        os.environ.setdefault(name, value)
+    return True
 
 
 def load_llm_kernels() -> None:

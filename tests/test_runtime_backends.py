@@ -170,6 +170,33 @@ def test_onnx_path_imports_no_torch(run_dir, generators):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"torch": False, "texts": [expected, expected]}
 
 
+EXECUTORCH_OPENMP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    from effllm.runtime.generate import load_generator
+    text = load_generator(sys.argv[1], backend=sys.argv[2], threads=2).generate("The return statement", 4).text
+    import torch
+    print(json.dumps({"env": os.environ.get("OMP_NUM_THREADS"), "openmp_threads": torch.get_num_threads(), "text": text}))
+    """
+)
+
+
+@pytest.mark.parametrize("backend, env, openmp_threads", [("executorch", "1", 1), ("torch", None, 2)])
+def test_generator_keeps_openmp_single_threaded_beside_executorch_only(run_dir, generators, backend, env, openmp_threads):
+    """A process that runs a .pte sets OpenMP to one thread before torch loads (XNNPACK's pool does the work;
+    OpenMP's spinning threads slowed the 8da4w decode of a real model 5x); the torch backend keeps its threads."""
+    expected = generators["torch"].generate("The return statement", 4).text
+    unset = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    target = run_dir / ("export" if backend == "executorch" else "model")
+    out = subprocess.run(
+        [sys.executable, "-c", EXECUTORCH_OPENMP_SCRIPT, str(target), backend],
+        capture_output=True, text=True, timeout=300, env=dict(unset, TOKENIZERS_PARALLELISM="false"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"env": env, "openmp_threads": openmp_threads, "text": expected}
+
+
 # ---- effllm-generate ----------------------------------------------------------------------------------
 def test_generate_cli_streams_the_continuation(run_dir, generators, capsys):
     expected = generators["torch"].generate(PROMPTS[0], 8).text
@@ -274,6 +301,9 @@ def test_bench_writes_json_markdown_and_png(run_dir, tmp_path, capsys):
         assert r["decode_vs_torch"] > 0
         if key[0] in ("onnxruntime", "genai"):
             assert r["torch_imported"] is False  # the ONNX workers run without torch
+    # ExecuTorch's worker keeps OpenMP at one thread (its spinning threads slowed decode 5x); torch's uses --threads
+    assert rows[("executorch", "executorch")]["openmp_threads"] == 1
+    assert rows[("torch", "model")]["openmp_threads"] == 1  # --threads 1 here
     fp32 = rows[("torch", "model")]["weight_bytes_per_token"]
     assert rows[("onnxruntime", "onnx")]["weight_bytes_per_token"] == pytest.approx(fp32, rel=0.05)
     assert rows[("executorch", "executorch")]["weight_bytes_per_token"] == pytest.approx(fp32, rel=0.05)
