@@ -12,6 +12,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from conftest import tiny_model
 from effllm.export.cli import main
 from effllm.export.verify import (
@@ -277,6 +278,19 @@ def test_judged_and_calibration_windows_never_share_text_when_there_are_two():
         assert len(judged) + len(calibration) == total and judged and calibration
         assert not {w[0] for w in judged} & {w[0] for w in calibration}
     assert split(1)[0] == split(1)[1] and len(split(1)[0]) == 1
+
+
+def test_held_out_nll_is_torchs_cross_entropy_on_real_scale_logits():
+    """The verification's NLL (float32 exponentials, float64 sums) against torch's float64 cross-entropy, on
+    logits as large and peaked as a real model's (a 49,152 vocabulary, one token ~40 above the rest)."""
+    from effllm.export.verify import _nll
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(128, 49152, generator=generator) * 4
+    targets = torch.randint(0, 49152, (128,), generator=generator)
+    logits[torch.arange(0, 128, 2), targets[::2]] += 40  # half the rows predict their target with confidence
+    expected = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="sum").item()
+    assert _nll(logits.numpy(), targets.numpy()) == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_missed_threshold_fails_the_command(small_model_dir, tmp_path, monkeypatch, capsys):
