@@ -49,19 +49,18 @@ class ExecuTorchBackend(Backend):
 
     @classmethod
     def import_runtime(cls, threads: int | None = None) -> None:
-        import torch  # noqa: F401
+        prepare_executorch(threads)  # first: it keeps OpenMP to one thread before torch loads (native.py)
         from executorch.runtime import Runtime
 
-        prepare_executorch(threads)
         Runtime.get()
 
     def __init__(self, path: str | Path, threads: int | None = None, etdump: bool = False):
+        self.import_runtime(threads)  # the runtime's setup (threads, LLM kernels) lives there
         import torch
         from executorch.runtime import Runtime
 
         self.path = pte_path(path)
         self._torch = torch
-        self.import_runtime(threads)  # the runtime's setup (threads, LLM kernels) lives there
         # etdump: record every operator's and delegate call's time (bench/decode_profile.py); write_etdump saves it
         self.program = Runtime.get().load_program(str(self.path), enable_etdump=etdump)
         if "forward" not in self.program.method_names:

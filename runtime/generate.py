@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .backend import Backend, Generation, GenerationError, GenerationStats
 from .model_files import BACKENDS, FORMAT_OF_BACKEND, default_model, locate
-from .native import openmp_single_thread_for_executorch, quiet_native_output
+from .native import quiet_native_output
 from .sampling import GREEDY, Sampler, SamplingConfig, SamplingError
 
 
@@ -226,8 +226,6 @@ def load_generator(
         from .executorch_backend import RunnerGenerator
 
         return RunnerGenerator(located.path, located.tokenizer, threads=threads)
-    if located.backend == "executorch":
-        openmp_single_thread_for_executorch()  # before torch loads (native.py says why)
     tokenizer = load_tokenizer(located.tokenizer) if located.tokenizer is not None else None
     check_files(located.backend, located.path)  # before native output is quieted: its warning must show
     with quiet_native_output():

@@ -48,17 +48,15 @@ def quiet_native_output(enabled: bool = True):
 EXECUTORCH_OPENMP_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def openmp_single_thread_for_executorch() -> bool:
+def openmp_single_thread_for_executorch() -> None:
     """Set EXECUTORCH_OPENMP_ENV in this process (variables the user set stay) if torch is not loaded yet.
 
-    Returns whether it could: once torch is imported, OpenMP has read its settings. Only for processes
-    whose torch does no heavy work of its own (the torch backend and the exporter need OpenMP's threads).
+    Once torch is imported OpenMP has read its settings, and the process's torch may need its threads (the
+    exporter's, the torch backend's): then nothing changes.
     """
-    if "torch" in sys.modules:
-        return False
-    for name, value in EXECUTORCH_OPENMP_ENV.items():
-        os.environ.setdefault(name, value)
-    return True
+    if "torch" not in sys.modules:
+        for name, value in EXECUTORCH_OPENMP_ENV.items():
+            os.environ.setdefault(name, value)
 
 
 def load_llm_kernels() -> None:
@@ -71,7 +69,9 @@ def load_llm_kernels() -> None:
 
 def prepare_executorch(threads: int | None) -> None:
     """Register the LLM kernels our .pte files use, and size XNNPACK's thread pool (default: the
-    number of performance cores); the runtime's logging meanwhile is muted."""
+    number of performance cores); the runtime's logging meanwhile is muted. In a process that has not
+    loaded torch yet, OpenMP is first kept to one thread (openmp_single_thread_for_executorch)."""
+    openmp_single_thread_for_executorch()  # before the runtime's import loads torch
     with quiet_native_output():  # importing the runtime already logs CPU probing from C++
         from executorch.extension.pybindings import portable_lib
 

@@ -181,13 +181,15 @@ EXECUTORCH_OPENMP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backend, env, openmp_threads", [("executorch", "1", 1), ("torch", None, 2)])
+@pytest.mark.parametrize(
+    "backend, env, openmp_threads", [("executorch", "1", 1), ("executorch-runner", "1", 1), ("torch", None, 2)]
+)
 def test_generator_keeps_openmp_single_threaded_beside_executorch_only(run_dir, generators, backend, env, openmp_threads):
     """A process that runs a .pte sets OpenMP to one thread before torch loads (XNNPACK's pool does the work;
     OpenMP's spinning threads slowed the 8da4w decode of a real model 5x); the torch backend keeps its threads."""
     expected = generators["torch"].generate("The return statement", 4).text
     unset = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    target = run_dir / ("export" if backend == "executorch" else "model")
+    target = run_dir / ("model" if backend == "torch" else "export")
     out = subprocess.run(
         [sys.executable, "-c", EXECUTORCH_OPENMP_SCRIPT, str(target), backend],
         capture_output=True, text=True, timeout=300, env=dict(unset, TOKENIZERS_PARALLELISM="false"),
