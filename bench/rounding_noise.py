@@ -42,11 +42,12 @@ ROUNDINGS = {"torchao": 127.5, "amax127": 127.0}
 
 def windows_of(model_dir: Path, eval_text: Path, max_seq_len: int) -> tuple[list, list]:
     """(judged windows, calibration windows) as effllm-export cuts --eval-text."""
+    from effllm.export.heldout import heldout_tokens
     from effllm.export.verify import calibration_windows, eval_windows, heldout_limit
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    ids = tokenizer.encode(eval_text.read_text(errors="replace")).ids[: heldout_limit()]
+    ids = heldout_tokens(eval_text, None, tokenizer, heldout_limit()).ids
     return eval_windows(ids, max_seq_len), calibration_windows(ids, max_seq_len)
 
 
@@ -121,7 +122,7 @@ def measure(model_dir: Path, eval_text: Path, seeds: int, max_seq_len: int) -> d
             "top1_agreement_mean": statistics.mean(top1),
         }
     return {
-        "model_dir": portable_path(model_dir), "eval_text": portable_path(eval_text),
+        "model_dir": portable_path(model_dir), "eval_text": eval_text.name,
         "judged_tokens": sum(len(w) for w in judged), "calibration_tokens": sum(len(w) for w in calibration),
         "ppl_torch": math.exp(reference_nll), "scale_jitter": SCALE_JITTER, "rows": rows, "summary": summary,
     }  # fmt: skip
